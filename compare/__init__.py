@@ -1,0 +1,1 @@
+"""Shared pieces of both sides (layout, initialisation, MNIST) and the side-by-side comparison."""

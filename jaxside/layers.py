@@ -1,0 +1,115 @@
+"""Per-example layers: each function sees ONE example, never a batch axis.
+
+Side by side with :mod:`numpyside.layers` (which is batched and carries a handwritten backward
+under every forward):
+
+==========================  ==================================================
+``jaxside.layers``          ``numpyside.layers``
+==========================  ==================================================
+``linear``                  ``linear_forward`` / ``linear_backward``
+``batchnorm_train``         ``batchnorm_forward`` / ``batchnorm_backward``
+``batchnorm_eval``          ``batchnorm_eval``
+``sigmoid``                 ``sigmoid_forward`` / ``sigmoid_backward``
+``model.batch_loss``        ``softmax_cross_entropy``
+==========================  ==================================================
+
+Here there is no backward: ``jax.grad`` derives it. The one place where an example needs the rest
+of the batch is batch norm's statistics, and it gets them only through collectives on the named
+``vmap`` axis (``jax.lax.pmean``); under ``jax.grad`` these transpose into the two "coupling"
+sums of the hand-derived batch-norm backward (see ``docs/batchnorm_backward.md``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from compare.contract import BN_EPS
+
+#: The name of the vmapped batch axis that batch norm's collectives reduce over.
+BATCH_AXIS = "batch"
+
+
+class UnboundBatchAxisError(NameError):
+    """Batch norm in training mode was called outside ``jax.vmap(..., axis_name="batch")``."""
+
+
+def linear(
+    x: Float[Array, " n_in"], weight: Float[Array, "n_in n_out"], bias: Float[Array, " n_out"] | None = None
+) -> Float[Array, " n_out"]:
+    """``y = x @ W (+ b)`` for one example."""
+    y = x @ weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def batch_mean(value: Float[Array, "..."], axis_name: str = BATCH_AXIS) -> Float[Array, "..."]:
+    """Mean of ``value`` over the examples of the named ``vmap`` axis: ``(1/N) sum_n value_n``.
+
+    This is the only door through which an example sees the others. Outside a ``vmap`` that
+    binds ``axis_name`` JAX cannot know what "the batch" is; we say so in one sentence.
+    """
+    try:
+        return jax.lax.pmean(value, axis_name)
+    except NameError as error:
+        raise UnboundBatchAxisError(
+            f"batch norm in training mode averages over the named axis {axis_name!r}: call the per-example "
+            f"function under jax.vmap(..., axis_name={axis_name!r}) (or use train=False, which needs no batch)"
+        ) from error
+
+
+def batch_size(axis_name: str = BATCH_AXIS) -> Int[Array, ""]:
+    """``N``, the number of examples on the named axis (``psum`` of 1)."""
+    try:
+        return jax.lax.psum(1, axis_name)
+    except NameError as error:
+        raise UnboundBatchAxisError(
+            f"the batch size is only defined under jax.vmap(..., axis_name={axis_name!r})"
+        ) from error
+
+
+def batchnorm_train(
+    x: Float[Array, " n"],
+    gamma: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    eps: float = BN_EPS,
+    axis_name: str = BATCH_AXIS,
+) -> tuple[Float[Array, " n"], tuple[Float[Array, " n"], Float[Array, " n"]]]:
+    """Batch norm in training mode, per feature, seen from one example.
+
+    .. math::
+        \\mu = \\tfrac1N \\sum_n x_n, \\quad
+        \\sigma^2 = \\tfrac1N \\sum_n (x_n - \\mu)^2 \\ (\\text{biased}), \\quad
+        \\hat x = (x - \\mu) / \\sqrt{\\sigma^2 + \\epsilon}, \\quad
+        y = \\gamma \\hat x + \\beta
+
+    Both sums are ``pmean`` collectives over ``axis_name``. Returns ``y`` and the batch
+    statistics ``(mu, sigma^2)`` (identical on every example), for the running statistics.
+    """
+    mean = batch_mean(x, axis_name)
+    centered = x - mean
+    var = batch_mean(centered * centered, axis_name)
+    inv_std = 1.0 / jnp.sqrt(var + eps)
+    x_hat = centered * inv_std
+    return gamma * x_hat + beta, (mean, var)
+
+
+def batchnorm_eval(
+    x: Float[Array, " n"],
+    gamma: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    mean: Float[Array, " n"],
+    var: Float[Array, " n"],
+    eps: float = BN_EPS,
+) -> Float[Array, " n"]:
+    """Batch norm in eval mode: the same affine map with the running ``mean`` and ``var``."""
+    inv_std = 1.0 / jnp.sqrt(var + eps)
+    return gamma * ((x - mean) * inv_std) + beta
+
+
+def sigmoid(x: Float[Array, " n"]) -> Float[Array, " n"]:
+    """``1 / (1 + exp(-x))`` (``jax.nn.sigmoid`` is stable for large ``|x|``)."""
+    return jax.nn.sigmoid(x)
+

@@ -1,0 +1,143 @@
+"""The MLP 784 -> 100 -> 100 -> 100 -> 10, written for ONE example; ``vmap`` adds the batch.
+
+``forward_pass`` never sees a batch axis. ``jax.vmap(forward_pass, axis_name="batch")`` maps it
+over a batch, and batch norm reaches across that batch only through ``pmean`` on the axis name.
+``jax.grad`` of the vmapped loss gives the gradients. Mirror: :mod:`numpyside.model`.
+
+Public API (shared with ``numpyside.model``, same names, same meaning; NumPy in, NumPy out):
+
+* ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
+* ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from compare import contract
+from compare.contract import BN_MOMENTUM, InputError
+from jaxside.layers import BATCH_AXIS, batch_size, batchnorm_eval, batchnorm_train, linear, sigmoid
+
+Params = list[dict[str, Float[Array, "..."]]]
+State = list[dict[str, Float[Array, " n"]]]
+
+
+def update_running_stats(
+    running: dict[str, Float[Array, " n"]], mean: Float[Array, " n"], var: Float[Array, " n"], n: Int[Array, ""]
+) -> dict[str, Float[Array, " n"]]:
+    """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = 0.1``.
+
+    The running variance takes the *unbiased* batch variance ``var * n / (n - 1)`` (``var`` itself,
+    used for normalising, is the biased one).
+    """
+    unbiased = var * jnp.asarray(n / (n - 1), dtype=var.dtype)
+    return {
+        "mean": (1 - BN_MOMENTUM) * running["mean"] + BN_MOMENTUM * mean,
+        "var": (1 - BN_MOMENTUM) * running["var"] + BN_MOMENTUM * unbiased,
+    }
+
+
+def forward_pass(
+    params: Params, image_vector: Float[Array, " x"], state: State, *, train: bool
+) -> tuple[Float[Array, " classes"], State]:
+    """Logits of ONE image and the new running statistics.
+
+    Hidden layer: ``sigmoid(batchnorm(x @ W))`` (or ``sigmoid(x @ W + b)`` with batch norm off);
+    output layer: ``x @ W + b``. With ``train=True`` batch norm uses the batch statistics (via
+    ``pmean``, so this must run under ``jax.vmap(..., axis_name="batch")``) and returns the updated
+    running statistics; with ``train=False`` it uses ``state`` and returns it unchanged.
+    """
+    if image_vector.ndim != 1:
+        raise InputError(
+            f"forward_pass takes ONE image vector of shape (784,), got shape {image_vector.shape}; "
+            "for a batch use jax.vmap(forward_pass, in_axes=(None, 0, None), axis_name='batch')"
+        )
+    x = image_vector
+    new_state = []
+    for i, layer in enumerate(params[:-1]):
+        x = linear(x, layer["weight"], layer.get("bias"))
+        if "gamma" in layer:
+            if train:
+                x, (mean, var) = batchnorm_train(x, layer["gamma"], layer["beta"])
+                new_state.append(update_running_stats(state[i], mean, var, batch_size()))
+            else:
+                x = batchnorm_eval(x, layer["gamma"], layer["beta"], state[i]["mean"], state[i]["var"])
+                new_state.append(state[i])
+        x = sigmoid(x)
+    logits = linear(x, params[-1]["weight"], params[-1]["bias"])
+    assert logits.ndim == 1, logits.shape
+    return logits, new_state
+
+
+def batched_forward(
+    params: Params, images: Float[Array, "batch x"], state: State, *, train: bool
+) -> tuple[Float[Array, "batch classes"], State]:
+    """``forward_pass`` vmapped over the batch. The running statistics are batch-invariant (they
+    come out of ``pmean``), so they leave the ``vmap`` unbatched (``out_axes=None``)."""
+
+    def one_example(image_vector):
+        return forward_pass(params, image_vector, state, train=train)
+
+    return jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
+
+
+def batch_loss(
+    params: Params, state: State, images: Float[Array, "batch x"], labels: Int[Array, " batch"]
+) -> tuple[Float[Array, ""], State]:
+    """Mean cross-entropy over the batch (training mode), and the new running statistics.
+
+    ``L = -(1/B) sum_b log softmax(z_b)[y_b]``, written as in the seed: ``log_softmax`` of the
+    vmapped logits, then a vmapped ``getitem`` picks each example's label.
+    """
+    logits, new_state = batched_forward(params, images, state, train=True)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jax.vmap(operator.getitem)(log_probs, labels)
+    return -picked.mean(), new_state
+
+
+@jax.jit
+def _loss_and_grads(params, state, images, labels):
+    (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, state, images, labels)
+    return loss, grads, new_state
+
+
+@jax.jit
+def _predict_logits(params, state, images):
+    return batched_forward(params, images, state, train=False)[0]
+
+
+def _checked_inputs(params, state, images) -> tuple[bool, np.dtype, np.ndarray]:
+    batch_norm, dtype = contract.check_params(params)
+    contract.check_state(state, batch_norm, dtype)
+    return batch_norm, dtype, contract.check_images(images, dtype)
+
+
+def to_numpy(tree: Any) -> Any:
+    """Device arrays to NumPy arrays, keeping the list-of-dicts layout."""
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def loss_and_grads(params, state, images, labels) -> tuple[np.floating, list[dict[str, np.ndarray]], list]:
+    """Training-mode loss, ``jax.grad`` gradients (same layout as ``params``), new running stats.
+
+    Inputs may be NumPy or JAX arrays; outputs are NumPy. ``images`` are cast to the parameters'
+    dtype. With batch norm off, ``state`` is ``[]`` and so is the returned state.
+    """
+    batch_norm, dtype, images = _checked_inputs(params, state, images)
+    labels = contract.check_labels(labels, images.shape[0])
+    if batch_norm:
+        contract.check_training_batch_size(images.shape[0])
+    loss, grads, new_state = _loss_and_grads(params, list(state or []), images, labels)
+    return np.asarray(loss)[()], to_numpy(grads), to_numpy(new_state)
+
+
+def predict_logits(params, state, images) -> np.ndarray:
+    """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
+    _, _, images = _checked_inputs(params, state, images)
+    return np.asarray(_predict_logits(params, list(state or []), images))

@@ -1,0 +1,179 @@
+"""Training the per-example JAX model: SGD with momentum, a whole epoch as one jitted ``lax.scan``.
+
+Mirror: :mod:`numpyside.train`. The epoch runs on device without host round-trips: the training
+set is placed on the device once, each step gathers its batch by index inside the scan, and the
+parameter, velocity and running-statistics buffers are donated so XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from compare import contract, training
+from jaxside.model import _predict_logits, batch_loss, to_numpy
+
+
+def sgd_momentum(params, velocity, grads, lr, momentum):
+    """``v <- momentum * v + g``; ``p <- p - lr * v`` (see :mod:`compare.training`)."""
+    velocity = jax.tree_util.tree_map(lambda v, g: momentum * v + g, velocity, grads)
+    params = jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity)
+    return params, velocity
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+def train_epoch(
+    params,
+    velocity,
+    state,
+    images: Float[Array, "n x"],
+    labels: Int[Array, " n"],
+    batch_indices: Int[Array, "steps batch"],
+    learning_rates: Float[Array, " steps"],
+    momentum: Float[Array, ""],
+):
+    """One epoch: ``lax.scan`` of (gather batch, ``jax.grad``, SGD step) over ``batch_indices``,
+    step ``k`` with learning rate ``learning_rates[k]``.
+
+    Returns the new ``(params, velocity, state)`` and the per-step training losses.
+    """
+
+    def step(carry, step_inputs):
+        params, velocity, state = carry
+        indices, lr = step_inputs
+        (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+            params, state, images[indices], labels[indices]
+        )
+        params, velocity = sgd_momentum(params, velocity, grads, lr, momentum)
+        return (params, velocity, state), loss
+
+    (params, velocity, state), losses = jax.lax.scan(step, (params, velocity, state), (batch_indices, learning_rates))
+    return params, velocity, state, losses
+
+
+@jax.jit
+def count_correct(params, state, images, labels) -> Int[Array, ""]:
+    """Number of correct eval-mode predictions."""
+    return jnp.sum(jnp.argmax(_predict_logits(params, state, images), axis=-1) == labels)
+
+
+class Trainer:
+    """Holds the device copies of the data and the training buffers; one ``epoch()`` per call.
+
+    ``params``/``state`` go in as NumPy (shared layout) and come out as NumPy via ``params_numpy()``.
+    """
+
+    def __init__(self, params, state, train_images, train_labels, *, momentum: float):
+        batch_norm, dtype = contract.check_params(params)
+        contract.check_state(state, batch_norm, dtype)
+        self.dtype = dtype
+        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), params)
+        self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
+        self.state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), list(state or []))
+        self.images = jax.device_put(contract.check_images(train_images, dtype))
+        self.labels = jax.device_put(contract.check_labels(train_labels, len(train_images)))
+        self.momentum = jnp.asarray(momentum, dtype)
+
+    def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
+        """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
+        return the per-step losses."""
+        self.params, self.velocity, self.state, losses = train_epoch(
+            self.params, self.velocity, self.state, self.images, self.labels,
+            jnp.asarray(batch_indices), jnp.asarray(learning_rates, self.dtype), self.momentum,
+        )
+        return np.asarray(losses)
+
+    def params_numpy(self):
+        return to_numpy(self.params)
+
+    def state_numpy(self):
+        return to_numpy(self.state)
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def train(params, state, data, *, epochs, batch_size, lr, momentum, seed, progress=True) -> tuple[Trainer, History]:
+    """Train for ``epochs`` on ``data = (train_x, train_y, test_x, test_y)``; test after each epoch."""
+    from tqdm.auto import tqdm
+
+    train_x, train_y, test_x, test_y = data
+    trainer = Trainer(params, state, train_x, train_y, momentum=momentum)
+    schedule = training.LearningRateSchedule(lr, epochs * (len(train_x) // batch_size))
+    test_images = jax.device_put(contract.check_images(test_x, trainer.dtype))
+    test_labels = jax.device_put(contract.check_labels(test_y, len(test_x)))
+    rng = training.batch_rng(seed)
+    history = History()
+    bar = tqdm(range(1, epochs + 1), desc="jax train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        batches = training.epoch_batches(len(train_x), batch_size, rng)
+        losses = trainer.epoch(batches, schedule.for_epoch(epoch - 1, len(batches)))
+        correct = int(count_correct(trainer.params, trainer.state, test_images, test_labels))
+        history.seconds.append(time.perf_counter() - start)
+        history.train_loss.append(float(losses.mean()))
+        history.test_accuracy.append(correct / len(test_x))
+        bar.set_postfix(loss=f"{history.train_loss[-1]:.4f}", test_acc=f"{history.test_accuracy[-1]:.2%}")
+    return trainer, history
+
+
+def main(argv=None) -> int:
+    from compare.init import init_params, init_state
+    from compare.mnist import load_mnist
+
+    parser = argparse.ArgumentParser(description="Train the per-example JAX MLP with batch norm on MNIST.")
+    parser.add_argument("--epochs", type=int, default=training.DEFAULT_EPOCHS)
+    parser.add_argument("--batch-size", type=int, default=training.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--lr", type=float, default=training.DEFAULT_LR)
+    parser.add_argument("--momentum", type=float, default=training.DEFAULT_MOMENTUM)
+    parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--no-batch-norm", action="store_true")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="output.png", help="accuracy graph (PNG)")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    if args.batch_size < (1 if args.no_batch_norm else 2):
+        parser.error("--batch-size must be at least 2 with batch norm (a batch of one has no variance)")
+
+    *data, source = load_mnist(args.data_dir, return_source=True)
+    print(f"MNIST: {source}")
+    batch_norm = not args.no_batch_norm
+    params = init_params(args.seed, args.dtype, batch_norm=batch_norm)
+    state = init_state(args.dtype) if batch_norm else []
+    _, history = train(params, state, data, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, momentum=args.momentum, seed=args.seed)
+    for epoch, (loss, acc, sec) in enumerate(zip(history.train_loss, history.test_accuracy, history.seconds), 1):
+        print(f"epoch {epoch:2d}  train loss {loss:.4f}  test accuracy {acc:.2%}  ({sec:.2f} s)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = range(1, args.epochs + 1)
+    ax.plot(epochs, [100 * a for a in history.test_accuracy], marker="o")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title=f"Per-example JAX MLP, batch norm {'on' if batch_norm else 'off'}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
