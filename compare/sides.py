@@ -1,0 +1,75 @@
+"""The two sides behind one small interface, so that the comparison code names no framework.
+
+A :class:`Side` bundles what the comparison calls: the contract functions ``loss_and_grads`` and
+``predict_logits``, the training-mode logits of a batch (for the step-0 table), and a factory of
+trainers (``epoch(batch_indices, learning_rates)``, ``predict(images)``, ``params_numpy()``,
+``state_numpy()``, ``compile(steps, batch_size)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+JAX_MODELS = ("pmean", "equinox")
+
+
+@dataclass(frozen=True)
+class Side:
+    key: str  # "jax" or "numpy": the key used in report.json
+    title: str
+    loss_and_grads: Callable[..., tuple[Any, list, list]]
+    predict_logits: Callable[..., np.ndarray]
+    train_logits: Callable[[list, list, np.ndarray], np.ndarray]
+    make_trainer: Callable[..., Any]
+
+
+def jax_side(model: str = "pmean") -> Side:
+    """The per-example JAX model (``pmean`` in our own code, or Equinox's ``BatchNorm``)."""
+    if model == "equinox":
+        from jaxside import equinox_model
+
+        return Side(
+            key="jax",
+            title="JAX · Equinox (eqx.nn.BatchNorm, vmap axis 'batch')",
+            loss_and_grads=equinox_model.loss_and_grads,
+            predict_logits=equinox_model.predict_logits,
+            train_logits=equinox_model.train_logits,
+            make_trainer=equinox_model.Trainer,
+        )
+    if model != "pmean":
+        raise ValueError(f"unknown JAX model {model!r}; choose from {JAX_MODELS}")
+    import jax
+
+    import jaxside
+    from jaxside.model import batched_forward
+    from jaxside.train import Trainer
+
+    train_logits_jit = jax.jit(lambda p, s, x: batched_forward(p, x, s, train=True)[0])
+    return Side(
+        key="jax",
+        title="JAX (per example, vmap + pmean)",
+        loss_and_grads=jaxside.loss_and_grads,
+        predict_logits=jaxside.predict_logits,
+        train_logits=lambda p, s, x: np.asarray(train_logits_jit(p, s, x)),
+        make_trainer=Trainer,
+    )
+
+
+def numpy_side(backend: str = "numba") -> Side:
+    """The batched, hand-differentiated NumPy side with the given kernel backend."""
+    import functools
+
+    from numpyside import model
+    from numpyside.train import Trainer
+
+    return Side(
+        key="numpy",
+        title=f"NumPy (batched, hand backward, {backend} kernels)",
+        loss_and_grads=functools.partial(model.loss_and_grads, backend=backend),
+        predict_logits=functools.partial(model.predict_logits, backend=backend),
+        train_logits=lambda p, s, x: model.forward(p, s, x, train=True, backend=backend)[0],
+        make_trainer=functools.partial(Trainer, backend=backend),
+    )
