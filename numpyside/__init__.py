@@ -1,0 +1,1 @@
+"""The handwritten, batched NumPy/numba side: every forward has its backward right below it; no autodiff."""
