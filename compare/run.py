@@ -41,7 +41,6 @@ DRIFT_TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 #: A test prediction may flip only if an example sits within rounding distance of a decision
 #: boundary; in float64 that never happens, in float32 it is allowed for at most 0.1 % of the set.
 DISAGREEMENT_TOLERANCE = {"float32": 0.001, "float64": 0.0}
-#: The two sides' test accuracies may differ by at most this many predictions' worth.
 
 
 def positive_int(text: str) -> int:
@@ -123,7 +122,8 @@ def load_data(args, console: Console):
 
 
 def step0_table(rows, dtype: str) -> Table:
-    table = Table(title=f"Step 0: one batch, both sides ({dtype}); relative error = {RELATIVE_ERROR_FORMULA}, b = JAX")
+    table = Table(title=f"Step 0: one batch through both sides ({dtype}); a = NumPy, b = JAX, "
+                        f"relative error = {RELATIVE_ERROR_FORMULA}")
     for name, justify in (("quantity", "left"), ("max |b|", "right"), ("max abs err", "right"),
                           ("max rel err", "right"), ("tol", "right"), ("ok", "center")):
         table.add_column(name, justify=justify)
@@ -134,9 +134,9 @@ def step0_table(rows, dtype: str) -> Table:
 
 
 def epoch_table(rows, titles) -> Table:
-    table = Table(title="Training trajectory (same batches, same schedule)")
-    for name in ("epoch", "train loss jax", "train loss numpy", "test acc jax", "test acc numpy",
-                 "disagreements", "max param drift"):
+    table = Table(title="Training trajectory: mean train loss, test accuracy, test predictions that differ, "
+                        "max |p_jax - p_numpy|")
+    for name in ("epoch", "loss jax", "loss numpy", "acc jax", "acc numpy", "differ", "max drift"):
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(str(r["epoch"]), f"{r['train_loss']['jax']:.6f}", f"{r['train_loss']['numpy']:.6f}",
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     console.print(epoch_table(epochs, {k: s.title for k, s in sides.items()}))
     for key, t in timings.items():
         console.print(f"  {key:>5}: {t['train_s']:.2f} s training, {t['samples_per_s']:,.0f} samples/s "
-                      f"(compile/warm-up {t['compile_s']:.2f} s, not counted)")
+                      f"(+ {t['compile_s']:.2f} s compile/warm-up)")
 
     n_test = len(data[3])
     tolerances = {

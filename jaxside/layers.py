@@ -35,6 +35,40 @@ class UnboundBatchAxisError(NameError):
     """Batch norm in training mode was called outside ``jax.vmap(..., axis_name="batch")``."""
 
 
+class NestedBatchAxisError(ValueError):
+    """Two nested ``jax.vmap``s bind the same axis name. JAX accepts this silently (the inner axis
+    shadows the outer one), so batch norm would average over the inner axis only."""
+
+
+def _vmap_levels_named(value, axis_name: str) -> int:
+    """How many enclosing ``vmap``s named ``axis_name`` ``value`` is batched over.
+
+    JAX's public API cannot tell: its axis environment is a dict from name to size, so an inner
+    ``vmap`` simply overwrites the outer one's entry. A vmapped value, though, is a chain of tracers
+    (a batch tracer's ``val`` is the value one level out, a JVP/linearize tracer's ``primal``), and
+    each batch tracer's trace records its axis name. These are JAX internals (checked against jax
+    0.10.2); if they change, this returns at most 1 and the check below turns into a no-op.
+    """
+    levels, seen = 0, 0
+    while isinstance(value, jax.core.Tracer) and seen < 64:
+        seen += 1
+        axis_data = getattr(getattr(value, "_trace", None), "axis_data", None)
+        if getattr(axis_data, "name", None) == axis_name:
+            levels += 1
+        value = getattr(value, "val", getattr(value, "primal", None))
+    return levels
+
+
+def check_batch_axis_not_shadowed(value, axis_name: str = BATCH_AXIS) -> None:
+    """Refuse ``value`` if it is batched over two nested ``vmap``s that are both named ``axis_name``."""
+    if _vmap_levels_named(value, axis_name) > 1:
+        raise NestedBatchAxisError(
+            f"two nested jax.vmap calls both bind the axis name {axis_name!r} and JAX silently lets the inner one "
+            f"shadow the outer, so batch norm would average over the inner axis only: give the outer vmap a "
+            f"different axis_name (e.g. 'batches')"
+        )
+
+
 def linear(
     x: Float[Array, " n_in"], weight: Float[Array, "n_in n_out"], bias: Float[Array, " n_out"] | None = None
 ) -> Float[Array, " n_out"]:
@@ -51,6 +85,7 @@ def batch_mean(value: Float[Array, "..."], axis_name: str = BATCH_AXIS) -> Float
     This is the only door through which an example sees the others. Outside a ``vmap`` that
     binds ``axis_name`` JAX cannot know what "the batch" is; we say so in one sentence.
     """
+    check_batch_axis_not_shadowed(value, axis_name)
     try:
         return jax.lax.pmean(value, axis_name)
     except NameError as error:
