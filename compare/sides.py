@@ -24,6 +24,7 @@ class Side:
     predict_logits: Callable[..., np.ndarray]
     train_logits: Callable[[list, list, np.ndarray], np.ndarray]
     make_trainer: Callable[..., Any]
+    state_note: str = ""  # appended to the running-statistics rows of the step-0 table
 
 
 def jax_side(model: str = "pmean") -> Side:
@@ -31,10 +32,18 @@ def jax_side(model: str = "pmean") -> Side:
     if model == "equinox":
         from jaxside import equinox_model
 
+        def loss_and_grads_bessel(params, state, images, labels):
+            # Equinox's running variance takes the biased batch variance; ours the unbiased one.
+            # The step-0 table compares them after converting Equinox's update (documented in
+            # jaxside/equinox_model.py), so that the row checks everything else about the state.
+            loss, grads, new_state = equinox_model.loss_and_grads(params, state, images, labels)
+            return loss, grads, equinox_model.with_bessel_correction(new_state, state, len(images))
+
         return Side(
             key="jax",
             title="JAX · Equinox (eqx.nn.BatchNorm, vmap axis 'batch')",
-            loss_and_grads=equinox_model.loss_and_grads,
+            loss_and_grads=loss_and_grads_bessel,
+            state_note=" (eqx +Bessel)",
             predict_logits=equinox_model.predict_logits,
             train_logits=equinox_model.train_logits,
             make_trainer=equinox_model.Trainer,

@@ -64,5 +64,5 @@ def step0_rows(jax_side, numpy_side, params, state, images, labels) -> list[Row]
             rows.append(_row(f"grad layer {i} {key}", jax_layer[key], np_layer[key], tol))
     for i, (jax_layer, np_layer) in enumerate(zip(jax_state, np_state)):
         for key in ("mean", "var"):
-            rows.append(_row(f"running {key} {i}", jax_layer[key], np_layer[key], tol))
+            rows.append(_row(f"running {key} {i}{jax_side.state_note}", jax_layer[key], np_layer[key], tol))
     return rows
