@@ -226,7 +226,17 @@ def test_sides_module_exposes_the_equinox_model(mnist):
     side = jax_side("equinox")
     params, state = random_params(4, np.float64), random_state(4, np.float64)
     images, labels = mnist_batch(mnist, 16)
-    assert side.loss_and_grads is em.loss_and_grads and side.make_trainer is em.Trainer
+    assert side.make_trainer is em.Trainer
+    # The side's loss_and_grads is Equinox's, with the running variance Bessel-corrected for the
+    # step-0 table: loss and gradients are Equinox's own, the state equals jaxside's.
+    side_loss, side_grads, side_state = side.loss_and_grads(params, state, images, labels)
+    eqx_loss, eqx_grads, eqx_state = em.loss_and_grads(params, state, images, labels)
+    pm_loss, pm_grads, pm_state = jaxside.loss_and_grads(params, state, images, labels)
+    assert side_loss == eqx_loss
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(side_grads, eqx_grads) for k in a)
+    for ours, corrected, raw in zip(pm_state, side_state, eqx_state):
+        assert max_rel_err(corrected["var"], ours["var"]) <= 1e-12
+        assert max_rel_err(raw["var"], ours["var"]) > 1e-5  # uncorrected: Bessel's 128/127 shows
     assert max_rel_err(side.train_logits(params, state, images),
                        np.asarray(_pmean_train_logits(params, state, np.asarray(images, np.float64)))) <= 1e-10
 

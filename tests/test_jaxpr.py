@@ -1,0 +1,149 @@
+"""The collectives in the jaxpr of the per-example batch-norm gradient (``compare.jaxpr``), and the
+code links of ``docs/batchnorm_backward.md``.
+
+Counts established against jax 0.10.2: the VJP of ``jaxside.layers.batchnorm_train`` traced with
+``axis_env=[("batch", N)]`` holds 4 ``psum[axes=('batch',)]`` (``pmean`` is ``psum`` + ``div``):
+2 forward (mean, variance) and 2 backward (their transposes). With ``stop_gradient`` on the
+statistics the backward has none. After ``vmap`` the forward ones are ``psum[axes=(0,)]`` and
+the backward sums ``reduce_sum[axes=(0,)]``: 4 (2 coupling + dgamma + dbeta), 2 when decoupled.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from compare.jaxpr import (
+    BACKWARD,
+    FORWARD,
+    batched_bn_grad_jaxpr,
+    check_coupling,
+    count_by_phase,
+    find_batch_reductions,
+    find_collectives,
+    main,
+    per_example_bn_grad_jaxpr,
+    per_example_bn_vjp,
+)
+from jaxside.layers import BATCH_AXIS
+from numpyside.layers import batchnorm_backward, batchnorm_backward_staged, batchnorm_forward
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def phases(collectives) -> tuple[int, int]:
+    counts = count_by_phase(collectives)
+    return sum(counts[FORWARD].values()), sum(counts[BACKWARD].values())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_example_gradient_has_collectives_in_forward_and_backward(dtype):
+    collectives = find_collectives(per_example_bn_grad_jaxpr(4, 8, dtype=dtype))
+    assert phases(collectives) == (2, 2), collectives
+    assert {c.primitive for c in collectives} == {"psum"}
+    assert all(c.axes == (BATCH_AXIS,) for c in collectives)
+    assert [c.phase for c in collectives] == [FORWARD, FORWARD, BACKWARD, BACKWARD]
+
+
+def test_stop_gradient_on_the_statistics_removes_the_backward_collectives():
+    coupled = find_collectives(per_example_bn_grad_jaxpr(coupled=True))
+    decoupled = find_collectives(per_example_bn_grad_jaxpr(coupled=False))
+    assert phases(decoupled) == (2, 0), decoupled
+    assert phases(decoupled)[1] < phases(coupled)[1]
+
+
+def test_collectives_inside_a_jit_are_found_and_phased_by_dataflow():
+    """Recursion into nested jaxprs; a psum of the primal output after the VJP is forward."""
+    vector = np.zeros(4, np.float32)
+    inner = jax.jit(per_example_bn_vjp)
+
+    def fn(x, gamma, beta, dout):
+        out, dx, _, _ = inner(x, gamma, beta, dout)
+        return jax.lax.psum(out, BATCH_AXIS), dx
+
+    closed = jax.make_jaxpr(fn, axis_env=[(BATCH_AXIS, 8)])(vector, vector, vector, vector)
+    assert [eqn.primitive.name for eqn in closed.jaxpr.eqns][0] != "psum"  # really nested
+    found = find_collectives(closed)
+    assert [c.phase for c in found] == [FORWARD, FORWARD, BACKWARD, BACKWARD, FORWARD]
+
+
+def test_vmapped_gradient_turns_collectives_into_reductions_over_axis_0():
+    batch = 8
+    coupled = find_batch_reductions(batched_bn_grad_jaxpr(4, batch), batch)
+    decoupled = find_batch_reductions(batched_bn_grad_jaxpr(4, batch, coupled=False), batch)
+    assert find_collectives(batched_bn_grad_jaxpr(4, batch)) == []  # no named axis left
+    assert [c.primitive for c in coupled if c.phase == FORWARD] == ["psum", "psum"]
+    assert phases(coupled) == (2, 4), coupled  # coupling x2, dgamma, dbeta
+    assert phases(decoupled) == (2, 2), decoupled  # dgamma, dbeta
+    assert all(c.axes == (0,) for c in coupled + decoupled)
+
+
+@pytest.mark.parametrize("n_features, batch", [(4, 8), (3, 2), (5, 33)])
+def test_backward_collectives_compute_the_coupling_sums(n_features, batch):
+    checks = check_coupling(n_features, batch, seed=batch)
+    assert len(checks) == 4
+    for meaning, error in checks:
+        assert error < 1e-12, (meaning, error)
+
+
+@pytest.mark.parametrize("coupled", [True, False])
+def test_per_example_vjp_under_vmap_matches_the_numpy_backward(coupled):
+    rng = np.random.default_rng(1)
+    xs, dout = rng.normal(0.5, 2.0, (16, 5)), rng.normal(size=(16, 5))
+    gamma, beta = rng.normal(size=5), rng.normal(size=5)
+
+    def one(x, d):
+        return per_example_bn_vjp(x, gamma, beta, d, coupled=coupled)
+
+    out, dx, dgamma_b, dbeta_b = jax.vmap(one, axis_name=BATCH_AXIS)(xs, dout)
+    ref_out, cache = batchnorm_forward(xs, gamma, beta)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    ref_dx, ref_dgamma, ref_dbeta = batchnorm_backward(dout, cache)
+    np.testing.assert_allclose(np.sum(dgamma_b, axis=0), ref_dgamma, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.sum(dbeta_b, axis=0), ref_dbeta, rtol=1e-12, atol=1e-12)
+    if coupled:
+        np.testing.assert_allclose(dx, ref_dx, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dx, batchnorm_backward_staged(dout, cache)[0], rtol=1e-10, atol=1e-12)
+    else:  # the coupling terms are exactly what is missing
+        np.testing.assert_allclose(dx, gamma * cache.inv_std * dout, rtol=1e-12, atol=1e-12)
+        assert np.max(np.abs(dx - ref_dx)) > 1e-3
+
+
+def test_cli_prints_the_collectives_and_their_counts(capsys):
+    assert main([]) == 0
+    text = capsys.readouterr().out
+    assert "psum[axes=('batch',)" in text
+    assert "forward:  2 collectives (psum x2)" in text
+    assert "backward: 2 collectives (psum x2)" in text
+    assert text.count("<- backward") >= 2
+    assert main(["--decoupled", "--show-vmapped", "--dtype", "float64"]) == 0
+    text = capsys.readouterr().out
+    assert "backward: 0 collectives" in text
+    assert "psum[axes=(0,)" in text
+
+
+def test_cli_refuses_a_batch_of_one(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--batch", "1"])
+    assert excinfo.value.code == 2
+
+
+DOC = REPO / "docs" / "batchnorm_backward.md"
+CODE_LINK = re.compile(r"\[`([^`]+)`\]\((\.\./[^)#]+)#L(\d+)\)")
+
+
+def test_doc_code_links_point_at_the_statement_they_name():
+    """Each ``[`code`](../file.py#L123)`` link in the doc: line 123 of that file holds ``code``."""
+    links = CODE_LINK.findall(DOC.read_text(encoding="utf-8"))
+    assert len(links) >= 20
+    stale = []
+    for code, target, line in links:
+        lines = (DOC.parent / target).resolve().read_text(encoding="utf-8").splitlines()
+        number = int(line)
+        if not (1 <= number <= len(lines) and code in lines[number - 1]):
+            stale.append(f"{target}#L{line}: expected {code!r}")
+    assert not stale, "docs/batchnorm_backward.md has stale code links:\n" + "\n".join(stale)
