@@ -37,8 +37,8 @@ QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 4096, 1000, 2
 #: Each step adds rounding differences of a few ulps (float64 2.2e-16, float32 1.2e-7) that SGD
 #: carries forward; over the default 4,680 steps they were measured to grow to 7e-15 (float64) and
 #: 5e-6 (float32) and to level off as the learning rate decays. The tolerances sit ~100x and ~20x
-#: above that: room for other machines and BLAS builds, far below what any real difference in the
-#: computation (a wrong term, a missing Bessel factor) produces within one epoch (>1e-4).
+#: above that: room for other machines and BLAS builds. (Formula errors are caught at step 0,
+#: where they show as relative errors of 1e-3 or more.)
 DRIFT_TOLERANCE = {"float32": 1e-4, "float64": 1e-12}
 #: A test prediction may flip only if an example sits within rounding distance of a decision
 #: boundary; in float64 that never happens, in float32 it is allowed for at most 0.1 % of the set.
