@@ -106,7 +106,8 @@ class Trainer:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode class predictions for ``images`` (NumPy in, NumPy out)."""
-        return np.asarray(predict_classes(self.params, self.state, jnp.asarray(images, self.dtype)))
+        images = contract.check_images(images, self.dtype)
+        return np.asarray(predict_classes(self.params, self.state, jnp.asarray(images)))
 
     def params_numpy(self):
         return to_numpy(self.params)

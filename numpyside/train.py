@@ -80,7 +80,8 @@ class Trainer:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode class predictions for ``images``."""
-        logits = forward(self.params, self.state, np.asarray(images, self.dtype), train=False, backend=self.backend)[0]
+        images = contract.check_images(images, self.dtype)
+        logits = forward(self.params, self.state, images, train=False, backend=self.backend)[0]
         return np.argmax(logits, axis=-1)
 
     def params_numpy(self):
