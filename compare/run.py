@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kernels of the NumPy side (default %(default)s)")
     parser.add_argument("--model", choices=["pmean", "equinox"], default="pmean",
                         help="JAX side: our own per-example model with pmean, or Equinox's BatchNorm")
+    parser.add_argument("--reference-trainer", action="store_true",
+                        help="train the NumPy side with the readable numpyside.train.Trainer instead of the fast "
+                        "numpyside.fast.FastTrainer (same numbers, slower)")
     parser.add_argument("--no-batch-norm", action="store_true", help="the same MLP without batch norm")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST IDX .gz files")
     parser.add_argument("--out", type=Path, default=Path("."), help="where report.json and output.png go")
@@ -147,6 +150,23 @@ def epoch_table(rows, titles) -> Table:
     return table
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux ``/proc/self/statm``; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (``ru_maxrss``: KB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def max_param_drift(params_a, params_b) -> float:
     return max(float(np.max(np.abs(la[k].astype(np.float64) - lb[k].astype(np.float64))))
                for la, lb in zip(params_a, params_b) for k in la)
@@ -162,7 +182,7 @@ def train_both(args, sides, params, state, data, console: Console):
     schedule = training.LearningRateSchedule(args.lr, args.epochs * steps)
     rng = training.batch_rng(args.seed)
     train_seconds = {key: 0.0 for key in sides}
-    rows = []
+    rows, rss_per_epoch = [], []
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, disable=args.no_progress) as progress:
@@ -186,9 +206,11 @@ def train_both(args, sides, params, state, data, console: Console):
                 "disagreements": int(np.sum(predictions["jax"] != predictions["numpy"])),
                 "max_param_drift": max_param_drift(trainers["jax"].params_numpy(), trainers["numpy"].params_numpy()),
             })
+            rss_per_epoch.append(round(rss_mb(), 1))
     samples = steps * args.batch_size * args.epochs
     timings = {key: {"compile_s": compile_seconds[key], "train_s": train_seconds[key],
                      "samples_per_s": samples / train_seconds[key]} for key in sides}
+    timings["rss_mb_per_epoch"] = rss_per_epoch  # resident memory after each epoch: flat = no growth
     return rows, timings
 
 
@@ -201,7 +223,7 @@ def main(argv=None) -> int:
     from compare.sides import jax_side, numpy_side
     from compare.step0 import step0_rows
 
-    sides = {"jax": jax_side(args.model), "numpy": numpy_side(args.backend)}
+    sides = {"jax": jax_side(args.model), "numpy": numpy_side(args.backend, fast=not args.reference_trainer)}
     batch_norm = not args.no_batch_norm
     console.rule("[bold]vmap-batchnorm: the per-example JAX model vs the handwritten NumPy model")
     for side in sides.values():
@@ -223,9 +245,13 @@ def main(argv=None) -> int:
 
     epochs, timings = train_both(args, sides, params, state, data, console)
     console.print(epoch_table(epochs, {k: s.title for k, s in sides.items()}))
-    for key, t in timings.items():
+    for key in sides:
+        t = timings[key]
         console.print(f"  {key:>5}: {t['train_s']:.2f} s training, {t['samples_per_s']:,.0f} samples/s "
                       f"(+ {t['compile_s']:.2f} s compile/warm-up)")
+    timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    console.print(f"  memory: peak RSS {timings['peak_rss_mb']:,.0f} MB; RSS after each epoch (MB): "
+                  + " ".join(f"{m:,.0f}" for m in timings["rss_mb_per_epoch"]))
 
     n_test = len(data[3])
     tolerances = {
@@ -247,6 +273,7 @@ def main(argv=None) -> int:
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
             "momentum": args.momentum, "dtype": args.dtype, "seed": args.seed, "backend": args.backend,
             "model": args.model, "batch_norm": batch_norm, "quick": args.quick,
+            "numpy_trainer": "reference" if args.reference_trainer else "fast",
             "n_train": len(data[0]), "n_test": n_test,
             "machine_epsilon": float(np.finfo(args.dtype).eps),
         },

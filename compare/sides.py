@@ -67,18 +67,24 @@ def jax_side(model: str = "pmean") -> Side:
     )
 
 
-def numpy_side(backend: str = "numba") -> Side:
-    """The batched, hand-differentiated NumPy side with the given kernel backend."""
+def numpy_side(backend: str = "numba", *, fast: bool = True) -> Side:
+    """The batched, hand-differentiated NumPy side with the given kernel backend.
+
+    Training uses :class:`numpyside.fast.FastTrainer` (preallocated buffers, fused kernels; the
+    same numbers as the reference) unless ``fast=False`` asks for the readable reference
+    :class:`numpyside.train.Trainer`. The step-0 functions are the reference model's either way.
+    """
     import functools
 
     from numpyside import model
+    from numpyside.fast import FastTrainer
     from numpyside.train import Trainer
 
     return Side(
         key="numpy",
-        title=f"NumPy (batched, hand backward, {backend} kernels)",
+        title=f"NumPy (batched, hand backward, {backend} kernels{', fast trainer' if fast else ''})",
         loss_and_grads=functools.partial(model.loss_and_grads, backend=backend),
         predict_logits=functools.partial(model.predict_logits, backend=backend),
         train_logits=lambda p, s, x: model.forward(p, s, x, train=True, backend=backend)[0],
-        make_trainer=functools.partial(Trainer, backend=backend),
+        make_trainer=functools.partial(FastTrainer if fast else Trainer, backend=backend),
     )

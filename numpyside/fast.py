@@ -1,0 +1,391 @@
+"""The fast trainer of the handwritten model: the reference computation, without the overhead.
+
+``FastTrainer`` has exactly the interface of :class:`numpyside.train.Trainer` and computes exactly
+what it computes (the same floating-point operations on the same operands in the same order:
+bit-identical losses, parameters and running statistics, see ``tests/test_fast.py``), but
+
+* every array a step touches is preallocated once per batch size and reused: the gathered batch,
+  the pre-activations, ``x_hat``, the activations, the gradients. A step allocates nothing;
+* all parameters live in ONE flat buffer (each layer's arrays are views into it; the layers of
+  equal shape stacked), and so do their velocities and gradients, so that the SGD update is one
+  fused pass over three flat arrays;
+* the matrix products are BLAS ``gemm`` calls into preallocated outputs (``dW = x.T @ d`` and
+  ``dx = d @ W.T`` straight from transposed operands, no copies); the first layer's ``dx`` is not
+  computed;
+* with ``backend="numba"`` the elementwise and reduction work runs in the fused kernels of
+  :mod:`numpyside.fused`: batch norm + running statistics + the first half of the sigmoid in one
+  kernel, the sigmoid's ``exp`` with NumPy (SIMD) in place, the rest of the sigmoid in a second
+  kernel; sigmoid backward + batch-norm backward in one kernel; output bias + softmax + cross-entropy
+  + the output bias's gradient in one; the SGD update of all parameters in one. Where NumPy's own
+  OpenBLAS can be called from numba (:mod:`numpyside.blas`), the kernels and products of a step go
+  in 4 numba calls (plus 3 NumPy ``exp``) instead of ~25 Python-level calls;
+* with ``backend="numpy"`` the same buffers are filled by NumPy ufuncs with ``out=``, in the
+  operation order of the reference NumPy backend.
+
+Where the time goes (batch 128, float32, this 2-vCPU machine, quiet; per step, measured): the 11
+BLAS products ~295 us (the same products back to back with hot operands, the "limit" of
+``compare/bench.py``: 290-310 us), gathering the batch's 128 random image rows ~27 us (400 KB from
+memory; prefetching the next batch or huge pages did not help), batch norm + sigmoid forward
+~16 us + NumPy ``exp`` ~16 us + sigmoid finish ~4 us, the backward kernels ~16 us, softmax ~6 us,
+SGD over the 99 k parameters ~18 us; about 400 us in all, 73-78 % of the limit. (The host moves
+this VM's two vCPUs around: in some minutes cross-core traffic is expensive and the same code
+reaches only ~55 %, in others ~89 %.) A sigmoid kernel with numba's scalar ``exp`` measured 3-5x
+slower than NumPy's SIMD ``exp`` plus the fused finish, so ``exp`` stays NumPy's, which also keeps
+the results bit-identical to the reference.
+
+The readable reference stays in :mod:`numpyside.layers`, :mod:`numpyside.model` and
+:mod:`numpyside.train`; nothing here is a different algorithm.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from compare import contract
+from compare.contract import BN_EPS, BN_MOMENTUM, InputError
+from numpyside import blas, fused
+from numpyside.model import DEFAULT_BACKEND, _check_backend, forward
+
+#: Parameter blocks start at multiples of 64 bytes in the flat buffers.
+_ALIGN_BYTES = 64
+
+
+class _Blocks:
+    """All parameters (or all velocities, or all gradients) in ONE flat buffer, as blocks that
+    stack the layers of equal shape:
+
+    ``w0`` (784, n), ``w_hidden`` (2, n, n), ``w_out`` (n, 10), ``a`` (3, n) the hidden layers'
+    ``gamma`` (batch norm) or ``bias``, ``b`` (3, n) their ``beta`` (unused without batch norm),
+    ``b_out`` (10,). ``tree`` is the same memory in the shared layout (a list of dicts of views).
+    """
+
+    def __init__(self, dtype: np.dtype, batch_norm: bool, values=None):
+        sizes = contract.LAYER_SIZES
+        n = sizes[1]
+        if len(set(sizes[1:-1])) != 1:
+            raise InputError(f"FastTrainer needs hidden layers of one width, got {sizes[1:-1]}")
+        shapes = {"w0": (sizes[0], n), "w_hidden": (len(sizes) - 3, n, n), "w_out": (n, sizes[-1]),
+                  "a": (len(sizes) - 2, n), "b": (len(sizes) - 2, n), "b_out": (sizes[-1],)}
+        align = _ALIGN_BYTES // dtype.itemsize
+        offsets, total = {}, 0
+        for name, shape in shapes.items():
+            offsets[name] = total
+            total += -(-int(np.prod(shape)) // align) * align
+        self.flat = np.zeros(total, dtype)
+        for name, shape in shapes.items():
+            setattr(self, name, self.flat[offsets[name]:offsets[name] + int(np.prod(shape))].reshape(shape))
+        self.tree = []
+        for i in range(len(sizes) - 2):
+            layer = {"weight": self.w0 if i == 0 else self.w_hidden[i - 1]}
+            layer.update({"gamma": self.a[i], "beta": self.b[i]} if batch_norm else {"bias": self.a[i]})
+            self.tree.append(layer)
+        self.tree.append({"weight": self.w_out, "bias": self.b_out})
+        if values is not None:
+            for layer, source in zip(self.tree, values):
+                for key, view in layer.items():
+                    view[...] = np.asarray(source[key], dtype=dtype)
+
+
+class _StepBuffers:
+    """Everything one training step of batch size ``batch`` writes, allocated once. Hidden-layer
+    buffers stack the three layers: ``z[i]`` is layer ``i``'s (B, n)."""
+
+    def __init__(self, batch: int, dtype: np.dtype, backend: str):
+        sizes = contract.LAYER_SIZES
+        n, n_hidden = sizes[1], len(sizes) - 2
+        empty = lambda *shape: np.empty(shape, dtype)  # noqa: E731
+        self.batch = batch
+        self.x = empty(batch, sizes[0])  # the gathered images
+        self.labels = np.empty(batch, np.int32)  # contract.check_labels gives int32
+        self.z = empty(n_hidden, batch, n)  # pre-activation, then -|out|, then exp(-|out|)
+        self.x_hat = empty(n_hidden, batch, n)
+        self.s = empty(n_hidden, batch, n)  # sigmoid outputs (the next layer's input)
+        self.mean = empty(n_hidden, n)
+        self.var = empty(n_hidden, n)
+        self.inv_std = empty(n_hidden, n)
+        self.logits = empty(batch, sizes[-1])
+        self.dlogits = empty(batch, sizes[-1])
+        self.ds = empty(n_hidden, batch, n)  # dL/d(sigmoid output)
+        self.d = empty(n_hidden, batch, n)  # dL/d(pre-activation)
+        self.count = dtype.type(batch)
+        self.unbias = dtype.type(batch / (batch - 1)) if batch > 1 else dtype.type(np.nan)
+        if backend == "numpy":  # temporaries of the ufunc path
+            self.centered = empty(n_hidden, batch, n)
+            self.tmp = empty(n_hidden, batch, n)
+            self.mask = np.empty((n_hidden, batch, n), bool)
+            self.row_max = empty(batch, 1)
+            self.row_sum = empty(batch, 1)
+            self.picked = empty(batch)
+            self.rows = np.arange(batch)
+            self.stat = empty(n_hidden, n)
+
+
+class FastTrainer:
+    """Same interface and same numbers as :class:`numpyside.train.Trainer`; preallocated buffers,
+    fused kernels. One ``epoch()`` per call."""
+
+    def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
+        _check_backend(backend)
+        batch_norm, dtype = contract.check_params(params)
+        contract.check_state(state, batch_norm, dtype)
+        self.dtype = dtype
+        self.backend = backend
+        self.batch_norm = batch_norm
+        self._params = _Blocks(dtype, batch_norm, params)
+        self._velocity = _Blocks(dtype, batch_norm)
+        self._grads = _Blocks(dtype, batch_norm)
+        self.params, self.velocity, self.grads = self._params.tree, self._velocity.tree, self._grads.tree
+        n_hidden, width = len(contract.LAYER_SIZES) - 2, contract.LAYER_SIZES[1]
+        self._running_mean = np.zeros((n_hidden, width), dtype)
+        self._running_var = np.ones((n_hidden, width), dtype)
+        for i, layer in enumerate(state or []):
+            self._running_mean[i] = np.asarray(layer["mean"], dtype)
+            self._running_var[i] = np.asarray(layer["var"], dtype)
+        self.state = ([{"mean": self._running_mean[i], "var": self._running_var[i]} for i in range(n_hidden)]
+                      if batch_norm else [])
+        self.images = contract.check_images(train_images, dtype)
+        self.labels = contract.check_labels(train_labels, len(train_images))
+        self.momentum = dtype.type(momentum)
+        self._eps = dtype.type(BN_EPS)
+        self._keep = dtype.type(1 - BN_MOMENTUM)
+        self._new = dtype.type(BN_MOMENTUM)
+        self._buffers: dict[int, _StepBuffers] = {}
+        #: numba backend: whole stages per call with NumPy's BLAS called from numba (if available)
+        self.staged = backend == "numba" and blas.available()
+
+    # ----------------------------------------------------------------------------------------
+    # the interface of numpyside.train.Trainer
+    # ----------------------------------------------------------------------------------------
+
+    def compile(self, steps: int, batch_size: int) -> float:
+        """Allocate the buffers for ``batch_size`` and run one throw-away step, so that numba has
+        loaded (or compiled) its kernels for this dtype before timing starts. Nothing is updated:
+        parameters, velocities and running statistics are restored afterwards. Returns seconds."""
+        start = time.perf_counter()
+        self._check_batch_size(batch_size)
+        saved = [a.copy() for a in self._owned_arrays()]
+        indices = (np.arange(batch_size) % len(self.images)).reshape(1, batch_size)
+        self._run(indices, np.zeros(1, self.dtype))
+        for array, copy in zip(self._owned_arrays(), saved):
+            np.copyto(array, copy)
+        self.predict(self.images[:2])
+        return time.perf_counter() - start
+
+    def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
+        """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
+        return the per-step losses."""
+        batch_indices = np.asarray(batch_indices)
+        if batch_indices.ndim != 2 or not np.issubdtype(batch_indices.dtype, np.integer):
+            raise InputError(f"batch_indices must be a 2-D integer array (steps, batch), got "
+                             f"{batch_indices.dtype} of shape {batch_indices.shape}")
+        steps, batch_size = batch_indices.shape
+        rates = np.asarray(learning_rates, self.dtype)
+        if rates.shape != (steps,):
+            raise InputError(f"learning_rates must have shape ({steps},), got {rates.shape}")
+        if steps == 0:
+            return np.empty(0, self.dtype)
+        self._check_batch_size(batch_size)
+        if batch_indices.min() < 0 or batch_indices.max() >= len(self.images):
+            raise InputError(f"batch_indices must lie in 0..{len(self.images) - 1}")
+        return self._run(batch_indices, rates)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Eval-mode class predictions for ``images`` (the reference forward pass)."""
+        logits = forward(self.params, self.state, np.asarray(images, self.dtype), train=False, backend=self.backend)[0]
+        return np.argmax(logits, axis=-1)
+
+    def params_numpy(self):
+        return [{k: v.copy() for k, v in layer.items()} for layer in self.params]
+
+    def state_numpy(self):
+        return [{k: v.copy() for k, v in layer.items()} for layer in self.state]
+
+    # ----------------------------------------------------------------------------------------
+    # internals
+    # ----------------------------------------------------------------------------------------
+
+    def _owned_arrays(self):
+        return [self._params.flat, self._velocity.flat, self._grads.flat, self._running_mean, self._running_var]
+
+    def _check_batch_size(self, batch_size: int) -> None:
+        if batch_size < 1 or batch_size > len(self.images):
+            raise InputError(f"batch size must lie in 1..{len(self.images)}, got {batch_size}")
+        if self.batch_norm:
+            contract.check_training_batch_size(batch_size)
+
+    def _buffers_for(self, batch_size: int) -> _StepBuffers:
+        buffers = self._buffers.get(batch_size)
+        if buffers is None:
+            buffers = self._buffers[batch_size] = _StepBuffers(batch_size, self.dtype, self.backend)
+        return buffers
+
+    def _run(self, batch_indices: np.ndarray, rates: np.ndarray) -> np.ndarray:
+        """Train on checked ``batch_indices`` with ``rates`` (in the dtype); the losses."""
+        steps, batch_size = batch_indices.shape
+        batch_indices = np.ascontiguousarray(batch_indices, dtype=np.intp)  # one index type: one compilation
+        buffers = self._buffers_for(batch_size)
+        losses = np.empty(steps, self.dtype)
+        if self.backend == "numpy":
+            step = self._step_numpy
+        else:
+            step = self._step_staged if self.staged else self._step_numba
+        with np.errstate(under="ignore"):  # exp(-|x|) underflows to 0 far out: intended
+            for k in range(steps):
+                losses[k] = step(buffers, batch_indices[k], rates[k])
+        return losses
+
+    def _step_staged(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
+        """One training step in 4 numba calls (products by NumPy's BLAS from inside numba, see
+        :mod:`numpyside.blas`) and NumPy's ``exp`` between them: the same operations as
+        :meth:`_step_numba`, which makes ~25 calls."""
+        p, g, bn = self._params, self._grads, self.batch_norm
+        eps, keep, new, unbias = self._eps, self._keep, self._new, b.unbias
+        rm, rv, mean, var, inv_std, x_hat, s, z = (self._running_mean, self._running_var, b.mean, b.var, b.inv_std,
+                                                   b.x_hat, b.s, b.z)
+        exp = np.exp
+        fused.stage_first_layer(self.images, self.labels, indices, b.x, b.labels, p.w0, z[0], p.a[0], p.b[0],
+                                eps, rm[0], rv[0], keep, new, unbias, mean[0], var[0], inv_std[0], x_hat[0], s[0], bn)
+        exp(z[0], out=z[0])
+        for i in (1, 2):
+            fused.stage_next_layer(s[i - 1], z[i - 1], p.w_hidden[i - 1], z[i], p.a[i], p.b[i], eps, rm[i], rv[i],
+                                   keep, new, unbias, mean[i], var[i], inv_std[i], x_hat[i], s[i], bn)
+            exp(z[i], out=z[i])
+        return fused.stage_output_backward_sgd(
+            b.x, z, s, x_hat, inv_std, b.ds, b.d, b.labels, b.logits, b.dlogits,
+            p.w_hidden, p.w_out, p.a, p.b_out, g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out,
+            p.flat, self._velocity.flat, g.flat, lr, self.momentum, bn)
+
+    def _step_numba(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
+        """Gather, forward, backward, SGD: one training step with the fused kernels."""
+        params, grads, state, bn = self.params, self.grads, self.state, self.batch_norm
+        matmul, exp = np.matmul, np.exp
+        fused.gather_rows(self.images, indices, b.x)
+        fused.gather_labels(self.labels, indices, b.labels)
+        x = b.x
+        for i in range(3):
+            layer, z, s = params[i], b.z[i], b.s[i]
+            matmul(x, layer["weight"], out=z)
+            if bn:
+                fused.bn_sigmoid_forward(z, layer["gamma"], layer["beta"], self._eps, state[i]["mean"], state[i]["var"],
+                                         self._keep, self._new, b.unbias, b.mean[i], b.var[i], b.inv_std[i],
+                                         b.x_hat[i], s)
+            else:
+                fused.bias_sigmoid_forward(z, layer["bias"], s)
+            exp(z, out=z)
+            fused.sigmoid_finish(s, z)
+            x = s
+        out_layer, out_grads = params[3], grads[3]
+        matmul(x, out_layer["weight"], out=b.logits)
+        loss = fused.bias_softmax_cross_entropy(b.logits, out_layer["bias"], b.labels, b.dlogits, out_grads["bias"])
+        matmul(x.T, b.dlogits, out=out_grads["weight"])
+        d, weight = b.dlogits, out_layer["weight"]
+        for i in (2, 1, 0):
+            layer, layer_grads, ds = params[i], grads[i], b.ds[i]
+            matmul(d, weight.T, out=ds)
+            if bn:
+                fused.sigmoid_bn_backward(ds, b.s[i], b.x_hat[i], layer["gamma"], b.inv_std[i], b.d[i],
+                                          layer_grads["gamma"], layer_grads["beta"])
+            else:
+                fused.sigmoid_bias_backward(ds, b.s[i], b.d[i], layer_grads["bias"])
+            d, weight = b.d[i], layer["weight"]
+            matmul((b.s[i - 1] if i else b.x).T, d, out=layer_grads["weight"])
+        fused.sgd_momentum(self._params.flat, self._velocity.flat, self._grads.flat, lr, self.momentum)
+        return loss
+
+    def _step_numpy(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
+        """The same step with NumPy ufuncs writing into the buffers, in the reference NumPy
+        backend's operation order (``numpyside.layers``, ``backend="numpy"``)."""
+        params, grads, state, bn = self.params, self.grads, self.state, self.batch_norm
+        matmul = np.matmul
+        # mode="clip": with the default mode="raise", take() buffers `out` (a copy); the indices
+        # were checked in epoch()
+        np.take(self.images, indices, axis=0, out=b.x, mode="clip")
+        np.take(self.labels, indices, out=b.labels, mode="clip")
+        count = b.count
+        x = b.x
+        for i in range(3):
+            layer, z, s, e, mask = params[i], b.z[i], b.s[i], b.tmp[i], b.mask[i]
+            matmul(x, layer["weight"], out=z)
+            if bn:
+                mean, var, inv_std, centered, x_hat = b.mean[i], b.var[i], b.inv_std[i], b.centered[i], b.x_hat[i]
+                np.add.reduce(z, axis=0, out=mean)  # x.mean(axis=0)
+                np.divide(mean, count, out=mean)
+                np.subtract(z, mean, out=centered)
+                np.multiply(centered, centered, out=e)  # (centered**2).mean(axis=0)
+                np.add.reduce(e, axis=0, out=var)
+                np.divide(var, count, out=var)
+                np.add(var, self._eps, out=inv_std)  # 1.0 / np.sqrt(var + eps)
+                np.sqrt(inv_std, out=inv_std)
+                np.divide(1.0, inv_std, out=inv_std)
+                np.multiply(centered, inv_std, out=x_hat)
+                np.multiply(layer["gamma"], x_hat, out=z)  # gamma * x_hat + beta
+                np.add(z, layer["beta"], out=z)
+                running, stat = state[i], b.stat[i]  # model.update_running_stats, in place
+                np.multiply(running["mean"], self._keep, out=running["mean"])
+                np.multiply(mean, self._new, out=stat)
+                np.add(running["mean"], stat, out=running["mean"])
+                np.multiply(var, b.unbias, out=stat)
+                np.multiply(stat, self._new, out=stat)
+                np.multiply(running["var"], self._keep, out=running["var"])
+                np.add(running["var"], stat, out=running["var"])
+            else:
+                np.add(z, layer["bias"], out=z)
+            # sigmoid: e = exp(-|z|); s = where(z >= 0, 1, e) / (1 + e)
+            np.abs(z, out=e)
+            np.negative(e, out=e)
+            np.exp(e, out=e)
+            np.greater_equal(z, 0, out=mask)
+            np.add(e, 1, out=z)
+            np.divide(e, z, out=s)
+            np.divide(1, z, out=s, where=mask)
+            x = s
+        out_layer, out_grads = params[3], grads[3]
+        logits, dlogits, rows, labels = b.logits, b.dlogits, b.rows, b.labels
+        matmul(x, out_layer["weight"], out=logits)
+        np.add(logits, out_layer["bias"], out=logits)
+        # layers.softmax_cross_entropy, NumPy backend
+        np.maximum.reduce(logits, axis=1, keepdims=True, out=b.row_max)
+        np.subtract(logits, b.row_max, out=logits)  # shifted
+        np.exp(logits, out=dlogits)
+        np.add.reduce(dlogits, axis=1, keepdims=True, out=b.row_sum)
+        picked = b.picked
+        np.log(b.row_sum[:, 0], out=picked)
+        np.subtract(logits[rows, labels], picked, out=picked)
+        loss = -picked.mean()
+        np.divide(dlogits, b.row_sum, out=dlogits)
+        dlogits[rows, labels] -= 1
+        np.divide(dlogits, count, out=dlogits)
+        np.add.reduce(dlogits, axis=0, out=out_grads["bias"])
+        matmul(x.T, dlogits, out=out_grads["weight"])
+        d, weight = dlogits, out_layer["weight"]
+        for i in (2, 1, 0):
+            layer, layer_grads, ds, s, dz, tmp = params[i], grads[i], b.ds[i], b.s[i], b.d[i], b.tmp[i]
+            matmul(d, weight.T, out=ds)
+            np.multiply(ds, s, out=ds)  # dout * s * (1 - s)
+            np.subtract(1, s, out=tmp)
+            np.multiply(ds, tmp, out=ds)
+            if bn:  # (gamma * inv_std / N) * (N * dout - dbeta - x_hat * dgamma)
+                x_hat, dgamma, dbeta, stat = b.x_hat[i], layer_grads["gamma"], layer_grads["beta"], b.stat[i]
+                np.add.reduce(ds, axis=0, out=dbeta)
+                np.multiply(ds, x_hat, out=tmp)
+                np.add.reduce(tmp, axis=0, out=dgamma)
+                np.multiply(layer["gamma"], b.inv_std[i], out=stat)
+                np.divide(stat, count, out=stat)
+                np.multiply(ds, count, out=dz)
+                np.subtract(dz, dbeta, out=dz)
+                np.multiply(x_hat, dgamma, out=tmp)
+                np.subtract(dz, tmp, out=dz)
+                np.multiply(stat, dz, out=dz)
+            else:
+                dz = ds
+                np.add.reduce(dz, axis=0, out=layer_grads["bias"])
+            d, weight = dz, layer["weight"]
+            matmul((b.s[i - 1] if i else b.x).T, d, out=layer_grads["weight"])
+        v, p, g = self._velocity.flat, self._params.flat, self._grads.flat  # train.sgd_momentum
+        np.multiply(v, self.momentum, out=v)
+        np.add(v, g, out=v)
+        np.multiply(v, lr, out=g)  # the gradients are spent: g holds lr * v
+        np.subtract(p, g, out=p)
+        return self.dtype.type(loss)

@@ -1,0 +1,309 @@
+"""Fused numba kernels for :class:`numpyside.fast.FastTrainer`: one pass where the reference path
+(:mod:`numpyside.layers` with ``backend="numba"``) makes several, writing into buffers the caller
+preallocated, so that a training step allocates nothing.
+
+Every kernel performs, element by element, the SAME floating-point operations in the SAME order as
+the reference kernels of :mod:`numpyside.kernels` and the NumPy code around them in
+:mod:`numpyside.model`, :mod:`numpyside.layers` and :mod:`numpyside.train` (same conventions:
+``fastmath=False``, so no reassociation and no FMA contraction; constants in the arrays' dtype).
+What is fused is only the loop structure and the memory traffic, not the arithmetic: on this
+machine ``FastTrainer`` and the reference ``Trainer`` produce bit-identical parameters
+(``tests/test_fast.py``).
+
+The sigmoid's ``exp`` stays NumPy's (SIMD, whole buffer at once) between :func:`bn_sigmoid_forward`
+and :func:`sigmoid_finish`, as in the reference: numba has no vectorised ``exp`` without Intel's
+SVML, and a scalar ``exp`` per element costs more than the whole fused kernel (measured numbers in
+``numpyside/fast.py``).
+
+Shapes: ``B`` = batch, ``n`` = features; all arrays C-contiguous, one float dtype per call.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from numpyside import blas
+
+_jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
+
+
+@_jit
+def gather_rows(source, indices, out):
+    """``out[k] = source[indices[k]]`` for the rows of a 2-D array (a batch of images)."""
+    n = source.shape[1]
+    for k in range(indices.shape[0]):
+        row = indices[k]
+        for j in range(n):
+            out[k, j] = source[row, j]
+
+
+@_jit
+def gather_labels(labels, indices, out):
+    """``out[k] = labels[indices[k]]``."""
+    for k in range(indices.shape[0]):
+        out[k] = labels[indices[k]]
+
+
+@_jit
+def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new, unbias,
+                       mean, var, inv_std, x_hat, s):
+    """Training-mode batch norm of ``z`` (B, n), the running-statistics update, and the first half
+    of the sigmoid, in three passes over the batch:
+
+    1. ``mean = sum_b z / B``;
+    2. ``var = sum_b (z - mean)**2 / B``, ``inv_std = 1 / sqrt(var + eps)``; running statistics
+       ``rm <- keep * rm + new * mean``, ``rv <- keep * rv + new * (var * unbias)`` (in place;
+       ``keep = 1 - momentum``, ``new = momentum``, ``unbias = B / (B - 1)``);
+    3. ``x_hat = (z - mean) * inv_std``, ``out = gamma * x_hat + beta`` written to ``s``, and
+       ``-|out|`` written over ``z`` (the argument of the sigmoid's ``exp``, which the caller then
+       takes in place with NumPy before :func:`sigmoid_finish`).
+
+    Same operations as ``kernels.batchnorm_forward`` + ``model.update_running_stats`` +
+    ``layers.sigmoid_forward`` (``centered`` is recomputed instead of stored: the same rounding).
+    """
+    n_rows, n = z.shape
+    dt = z.dtype.type
+    count = dt(n_rows)
+    one = dt(1)
+    for j in range(n):
+        mean[j] = 0
+        var[j] = 0
+    for i in range(n_rows):
+        for j in range(n):
+            mean[j] += z[i, j]
+    for j in range(n):
+        mean[j] = mean[j] / count
+    for i in range(n_rows):
+        for j in range(n):
+            c = z[i, j] - mean[j]
+            var[j] += c * c
+    for j in range(n):
+        var[j] = var[j] / count
+        inv_std[j] = one / np.sqrt(var[j] + eps)
+        running_mean[j] = keep * running_mean[j] + new * mean[j]
+        running_var[j] = keep * running_var[j] + new * (var[j] * unbias)
+    for i in range(n_rows):
+        for j in range(n):
+            h = (z[i, j] - mean[j]) * inv_std[j]
+            x_hat[i, j] = h
+            out = gamma[j] * h + beta[j]
+            s[i, j] = out
+            z[i, j] = -abs(out)
+
+
+@_jit
+def bias_sigmoid_forward(z, bias, s):
+    """Batch norm off: ``out = z + bias`` written to ``s`` and ``-|out|`` over ``z`` (then NumPy's
+    ``exp`` and :func:`sigmoid_finish`, as after :func:`bn_sigmoid_forward`)."""
+    n_rows, n = z.shape
+    for i in range(n_rows):
+        for j in range(n):
+            out = z[i, j] + bias[j]
+            s[i, j] = out
+            z[i, j] = -abs(out)
+
+
+@_jit
+def sigmoid_finish(s, e):
+    """``s <- 1 / (1 + e)`` where ``s >= 0``, ``s <- e / (1 + e)`` where ``s < 0``, given
+    ``e = exp(-|s|)``: the stable logistic, in place (``kernels.sigmoid_finish`` on 2-D buffers)."""
+    one = s.dtype.type(1)
+    n_rows, n = s.shape
+    for i in range(n_rows):
+        for j in range(n):
+            ek = e[i, j]
+            numerator = one if s[i, j] >= 0 else ek
+            s[i, j] = numerator / (one + ek)
+
+
+@_jit
+def sigmoid_bn_backward(ds, s, x_hat, gamma, inv_std, d, dgamma, dbeta):
+    """Backward of sigmoid then batch norm; ``ds = dL/ds`` (B, n). Two passes:
+
+    1. ``dout = ds * s * (1 - s)`` (stored in ``d``), ``dbeta = sum_b dout``,
+       ``dgamma = sum_b dout * x_hat``;
+    2. ``d = (gamma * inv_std / B) * (B * dout - dbeta - x_hat * dgamma)``, in place.
+
+    Same operations as ``kernels.sigmoid_backward`` + ``kernels.batchnorm_backward``.
+    """
+    n_rows, n = ds.shape
+    dt = ds.dtype.type
+    count = dt(n_rows)
+    one = dt(1)
+    for j in range(n):
+        dbeta[j] = 0
+        dgamma[j] = 0
+    for i in range(n_rows):
+        for j in range(n):
+            sk = s[i, j]
+            dout = ds[i, j] * sk * (one - sk)
+            d[i, j] = dout
+            dbeta[j] += dout
+            dgamma[j] += dout * x_hat[i, j]
+    for i in range(n_rows):
+        for j in range(n):
+            scale = gamma[j] * inv_std[j] / count
+            d[i, j] = scale * (count * d[i, j] - dbeta[j] - x_hat[i, j] * dgamma[j])
+
+
+@_jit
+def sigmoid_bias_backward(ds, s, d, dbias):
+    """Batch norm off: ``d = ds * s * (1 - s)`` and ``dbias = sum_b d`` (one pass)."""
+    n_rows, n = ds.shape
+    one = ds.dtype.type(1)
+    for j in range(n):
+        dbias[j] = 0
+    for i in range(n_rows):
+        for j in range(n):
+            sk = s[i, j]
+            dout = ds[i, j] * sk * (one - sk)
+            d[i, j] = dout
+            dbias[j] += dout
+
+
+@_jit
+def bias_softmax_cross_entropy(logits, bias, labels, dlogits, dbias):
+    """Output bias, loss, and the loss's gradients w.r.t. the logits and the bias.
+
+    ``logits += bias`` in place, then per row ``kernels.softmax_cross_entropy``'s operations
+    (``m = max z``, ``e = exp(z - m)``, ``s = sum e``, ``log p_y = (z_y - m) - log s``,
+    ``dlogits = (e / s - onehot(y)) / B``), and ``dbias = sum_b dlogits`` (rows in order, as
+    NumPy's axis-0 sum). Returns ``loss = -(sum_b log p_{y_b}) / B`` in the logits' dtype.
+    """
+    n_rows, n_classes = logits.shape
+    dt = logits.dtype.type
+    count = dt(n_rows)
+    one = dt(1)
+    total = dt(0)
+    for j in range(n_classes):
+        dbias[j] = 0
+    for i in range(n_rows):
+        for j in range(n_classes):
+            logits[i, j] = logits[i, j] + bias[j]
+        m = logits[i, 0]
+        for j in range(1, n_classes):
+            if logits[i, j] > m:
+                m = logits[i, j]
+        s = dt(0)
+        for j in range(n_classes):
+            e = np.exp(logits[i, j] - m)
+            dlogits[i, j] = e
+            s += e
+        y = labels[i]
+        total += (logits[i, y] - m) - np.log(s)
+        for j in range(n_classes):
+            dlogits[i, j] = dlogits[i, j] / s
+        dlogits[i, y] -= one
+        for j in range(n_classes):
+            g = dlogits[i, j] / count
+            dlogits[i, j] = g
+            dbias[j] += g
+    return -(total / count)
+
+
+@_jit
+def sgd_momentum(params, velocity, grads, lr, momentum):
+    """``v <- v * momentum + g``; ``p <- p - lr * v`` over flat (1-D) buffers holding every parameter
+    (the reference's ``np.multiply``, ``np.add``, ``p -= lr * v``: two roundings each, no FMA)."""
+    for k in range(params.shape[0]):
+        v = velocity[k] * momentum + grads[k]
+        velocity[k] = v
+        params[k] = params[k] - lr * v
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole stages of a training step in one call each, with the products done by NumPy's own BLAS
+# (numpyside.blas): 4 calls per step instead of ~25 (plus NumPy's exp between them). Only used
+# when numpyside.blas.available(); the same operations on the same operands as the call-by-call
+# path, so the results are the same bits.
+# ------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, itemsize):
+    """``C = op(A) @ op(B)`` (row-major, ``alpha = 1``, ``beta = 0``) on raw pointers, exactly the
+    call that ``np.matmul`` makes for these operands."""
+    if itemsize == 4:
+        blas.cblas_sgemm(blas.ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1), a, lda, b, ldb, np.float32(0), c, ldc)
+    else:
+        blas.cblas_dgemm(blas.ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a, lda, b, ldb, 0.0, c, ldc)
+
+
+@_jit
+def matmul(x, w, out):
+    """``out = x @ w`` for C-contiguous 2-D arrays."""
+    _gemm(blas.NO_TRANS, blas.NO_TRANS, x.shape[0], w.shape[1], x.shape[1], x.ctypes.data, x.shape[1],
+          w.ctypes.data, w.shape[1], out.ctypes.data, out.shape[1], x.itemsize)
+
+
+@_jit
+def matmul_tn(x, d, out):
+    """``out = x.T @ d`` (a weight gradient) for C-contiguous 2-D arrays."""
+    _gemm(blas.TRANS, blas.NO_TRANS, x.shape[1], d.shape[1], x.shape[0], x.ctypes.data, x.shape[1],
+          d.ctypes.data, d.shape[1], out.ctypes.data, out.shape[1], x.itemsize)
+
+
+@_jit
+def matmul_nt(d, w, out):
+    """``out = d @ w.T`` (an input gradient) for C-contiguous 2-D arrays."""
+    _gemm(blas.NO_TRANS, blas.TRANS, d.shape[0], w.shape[0], d.shape[1], d.ctypes.data, d.shape[1],
+          w.ctypes.data, w.shape[1], out.ctypes.data, out.shape[1], d.itemsize)
+
+
+@_jit
+def stage_first_layer(images, labels, indices, x, y, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
+                      mean, var, inv_std, x_hat, s, batch_norm):
+    """Gather the batch, ``z = x @ W``, then batch norm (or the bias) and the sigmoid's first half:
+    on return ``s`` holds the layer's affine output and ``z`` holds ``-|s|`` for NumPy's ``exp``."""
+    gather_rows(images, indices, x)
+    gather_labels(labels, indices, y)
+    matmul(x, w, z)
+    if batch_norm:
+        bn_sigmoid_forward(z, a, b, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s)
+    else:
+        bias_sigmoid_forward(z, a, s)
+
+
+@_jit
+def stage_next_layer(s_prev, e_prev, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
+                     mean, var, inv_std, x_hat, s, batch_norm):
+    """Finish the previous layer's sigmoid (``e_prev = exp(-|s_prev|)``), then this layer as in
+    :func:`stage_first_layer`."""
+    sigmoid_finish(s_prev, e_prev)
+    matmul(s_prev, w, z)
+    if batch_norm:
+        bn_sigmoid_forward(z, a, b, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s)
+    else:
+        bias_sigmoid_forward(z, a, s)
+
+
+@_jit
+def stage_output_backward_sgd(x, z, s, x_hat, inv_std, ds, d, labels, logits, dlogits,
+                              w_hidden, w_out, a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
+                              params, velocity, grads, lr, momentum, batch_norm):
+    """Finish the last hidden sigmoid, the output layer and the loss, the whole backward pass, and
+    the SGD update of all parameters (flat ``params``, ``velocity``, ``grads``). Returns the loss.
+
+    ``z, s, x_hat, ds, d`` are the (3, B, n) stacks of the hidden layers' buffers, ``inv_std``
+    (3, n); ``w_hidden`` (2, n, n) the hidden-to-hidden weights, ``a`` (3, n) the hidden layers'
+    gamma (or bias), ``g_*`` the gradients in the same layout.
+    """
+    last = s.shape[0] - 1
+    sigmoid_finish(s[last], z[last])
+    matmul(s[last], w_out, logits)
+    loss = bias_softmax_cross_entropy(logits, b_out, labels, dlogits, g_b_out)
+    matmul_tn(s[last], dlogits, g_out)
+    matmul_nt(dlogits, w_out, ds[last])
+    for i in range(last, -1, -1):
+        if batch_norm:
+            sigmoid_bn_backward(ds[i], s[i], x_hat[i], a[i], inv_std[i], d[i], g_a[i], g_b[i])
+        else:
+            sigmoid_bias_backward(ds[i], s[i], d[i], g_a[i])
+        if i == 0:
+            matmul_tn(x, d[0], g_w0)
+        else:
+            matmul_tn(s[i - 1], d[i], g_hidden[i - 1])
+            matmul_nt(d[i], w_hidden[i - 1], ds[i - 1])
+    sgd_momentum(params, velocity, grads, lr, momentum)
+    return loss

@@ -1,0 +1,211 @@
+"""``numpyside.fast.FastTrainer`` computes what the reference ``numpyside.train.Trainer`` computes.
+
+Both trainers start from the same parameters and train on the same batches; afterwards their
+parameters, velocities, running statistics, per-step losses and test predictions are compared.
+
+Tolerances (absolute, the parameters are O(1)): float64 ``1e-12``, float32 ``1e-5``. The fast path
+performs the reference's floating-point operations in the reference's order (same BLAS calls with
+the same operands, same kernels' arithmetic, only fused and written into preallocated buffers), so
+on one machine the two agree bit for bit, which ``test_bit_identical_to_the_reference`` checks; the
+tolerances are what the comparison may rely on anywhere (where the BLAS or NumPy's SIMD loops might
+differ between the two call paths, the difference is rounding, ~1e-16 per step in float64 and
+~1e-7 in float32, accumulated over a few dozen steps).
+"""
+
+from __future__ import annotations
+
+import inspect
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from compare import training
+from compare.contract import InputError
+from compare.init import init_params, init_state
+from numpyside import blas, fused
+from numpyside.fast import FastTrainer
+from numpyside.train import Trainer
+
+TOL = {"float64": 1e-12, "float32": 1e-5}
+N_TRAIN = 2048
+
+
+@pytest.fixture(scope="module")
+def data(mnist):
+    train_x, train_y, test_x, test_y = mnist
+    return train_x[:N_TRAIN], train_y[:N_TRAIN], test_x[:500]
+
+
+def make_pair(data, dtype, batch_norm, backend, seed=0):
+    train_x, train_y, _ = data
+    params = init_params(seed, dtype, batch_norm=batch_norm)
+    state = init_state(dtype) if batch_norm else []
+    images = train_x.astype(dtype)
+    reference = Trainer(params, state, images, train_y, momentum=0.8, backend=backend)
+    fast = FastTrainer(params, state, images, train_y, momentum=0.8, backend=backend)
+    return reference, fast
+
+
+def train_both(reference, fast, schedule, seed=0):
+    """The same epochs on both trainers: ``schedule`` is a list of batch sizes, one per epoch."""
+    rng = training.batch_rng(seed)
+    losses = []
+    for epoch, batch_size in enumerate(schedule):
+        batches = training.epoch_batches(N_TRAIN, batch_size, rng)
+        rates = training.LearningRateSchedule(0.3, len(schedule) * len(batches)).for_epoch(epoch, len(batches))
+        losses.append((reference.epoch(batches, rates), fast.epoch(batches, rates)))
+    return losses
+
+
+def max_diff(tree_a, tree_b) -> float:
+    return max((float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+                for a, b in zip(tree_a, tree_b) for k in a), default=0.0)
+
+
+CASES = [(dtype, batch_norm, backend) for dtype in ("float64", "float32") for batch_norm in (True, False)
+         for backend in ("numba", "numpy")]
+
+
+@pytest.mark.parametrize("dtype, batch_norm, backend", CASES)
+def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
+    reference, fast = make_pair(data, dtype, batch_norm, backend)
+    fast.compile(N_TRAIN // 128, 128)  # warm-up must not change anything
+    losses = train_both(reference, fast, [128, 64])
+    tol = TOL[dtype]
+    for ref_losses, fast_losses in losses:
+        assert fast_losses.dtype == np.dtype(dtype) and fast_losses.shape == ref_losses.shape
+        assert np.max(np.abs(fast_losses.astype(np.float64) - ref_losses)) <= tol
+    assert max_diff(fast.params_numpy(), reference.params_numpy()) <= tol
+    assert max_diff(fast.velocity, reference.velocity) <= tol
+    assert max_diff(fast.state_numpy(), reference.state_numpy()) <= tol
+    assert len(fast.state_numpy()) == (3 if batch_norm else 0)
+    test_x = data[2].astype(dtype)
+    np.testing.assert_array_equal(fast.predict(test_x), reference.predict(test_x))
+    # the layout of params/state is the shared one
+    for a, b in zip(fast.params_numpy(), reference.params_numpy()):
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("backend, staged", [("numba", True), ("numba", False), ("numpy", False)])
+def test_bit_identical_to_the_reference(data, dtype, backend, staged):
+    """On one machine the fast path repeats the reference's operations exactly (the numba backend
+    both with its products called from numba and with np.matmul between the kernels)."""
+    if staged and not blas.available():
+        pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
+    reference, fast = make_pair(data, dtype, True, backend)
+    fast.staged = staged
+    for ref_losses, fast_losses in train_both(reference, fast, [128]):
+        np.testing.assert_array_equal(fast_losses, ref_losses)
+    for a, b in zip(fast.params_numpy() + fast.state_numpy(), reference.params_numpy() + reference.state_numpy()):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.skipif(not blas.available(), reason=f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_from_numba_is_numpys_matmul(dtype):
+    """fused.matmul / matmul_tn / matmul_nt call NumPy's own BLAS exactly as np.matmul does."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((37, 53)).astype(dtype), rng.standard_normal((53, 29)).astype(dtype)
+    d = rng.standard_normal((37, 29)).astype(dtype)
+    for kernel, a, b, expected in ((fused.matmul, x, w, x @ w), (fused.matmul_tn, x, d, x.T @ d),
+                                   (fused.matmul_nt, d, w, d @ w.T)):
+        out = np.full(expected.shape, np.nan, dtype)
+        kernel(a, b, out)
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_buffers_are_reused_across_batch_sizes(data):
+    reference, fast = make_pair(data, "float64", True, "numba")
+    train_both(reference, fast, [32])
+    buffers_32 = fast._buffers[32]
+    arrays_32 = [id(buffers_32.x), id(buffers_32.z), id(buffers_32.d)]
+    losses = train_both(reference, fast, [64, 32, 128, 32], seed=1)
+    assert sorted(fast._buffers) == [32, 64, 128]
+    assert fast._buffers[32] is buffers_32 and [id(buffers_32.x), id(buffers_32.z), id(buffers_32.d)] == arrays_32
+    for ref_losses, fast_losses in losses:
+        assert np.max(np.abs(fast_losses - ref_losses)) <= TOL["float64"]
+    assert max_diff(fast.params_numpy(), reference.params_numpy()) <= TOL["float64"]
+    assert max_diff(fast.state_numpy(), reference.state_numpy()) <= TOL["float64"]
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_a_step_allocates_almost_nothing(data, backend):
+    """After the first epoch at a batch size, training allocates only the losses, one copy of the
+    indices (as ``np.intp``) and a few small temporaries (the NumPy path's fancy indexing): less
+    than one activation (128 x 100) on top of the indices."""
+    _, fast = make_pair(data, "float32", True, backend)
+    batches = training.epoch_batches(N_TRAIN, 128, training.batch_rng(0))
+    rates = np.full(len(batches), 0.1)
+    fast.epoch(batches, rates)
+    tracemalloc.start()
+    try:
+        fast.epoch(batches, rates)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    activation_bytes = 128 * 100 * 4
+    index_bytes = batches.size * np.dtype(np.intp).itemsize
+    assert peak < index_bytes + activation_bytes, f"an epoch allocated {peak} bytes at its peak"
+
+
+def test_compile_changes_nothing(data):
+    _, fast = make_pair(data, "float64", True, "numba")
+    before = fast.params_numpy(), fast.state_numpy()
+    seconds = fast.compile(10, 128)
+    assert seconds >= 0
+    assert max_diff(fast.params_numpy(), before[0]) == 0 and max_diff(fast.state_numpy(), before[1]) == 0
+    assert not np.any(fast._velocity.flat)
+
+
+def test_same_interface_as_the_reference_trainer():
+    def public(cls):
+        return {name for name, _ in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
+
+    assert public(Trainer) <= public(FastTrainer)
+    ref_params = inspect.signature(Trainer.__init__).parameters
+    fast_params = inspect.signature(FastTrainer.__init__).parameters
+    assert list(ref_params) == list(fast_params)
+    assert all(fast_params[k].default == ref_params[k].default for k in ref_params)
+    for name in public(Trainer):
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == \
+            list(inspect.signature(getattr(FastTrainer, name)).parameters), name
+
+
+@pytest.mark.parametrize(
+    "batches, rates, match",
+    [
+        (np.array([[0, 1], [2, N_TRAIN]]), np.ones(2), r"batch_indices must lie in 0\.\."),
+        (np.array([[0, -1]]), np.ones(1), r"batch_indices must lie in 0\.\."),
+        (np.array([0, 1, 2]), np.ones(1), "2-D integer array"),
+        (np.array([[0.0, 1.0]]), np.ones(1), "2-D integer array"),
+        (np.array([[0, 1], [2, 3]]), np.ones(3), r"learning_rates must have shape \(2,\)"),
+        (np.array([[0], [1]]), np.ones(2), "at least 2 examples"),
+    ],
+)
+def test_bad_epoch_input_is_refused(data, batches, rates, match):
+    _, fast = make_pair(data, "float32", True, "numba")
+    before = fast.params_numpy()
+    with pytest.raises(InputError, match=match):
+        fast.epoch(batches, rates)
+    assert max_diff(fast.params_numpy(), before) == 0
+
+
+def test_bad_backend_is_refused(data):
+    train_x, train_y, _ = data
+    with pytest.raises(InputError, match="backend"):
+        FastTrainer(init_params(0), init_state(), train_x, train_y, momentum=0.8, backend="cuda")
+
+
+def test_the_comparison_trains_the_numpy_side_with_the_fast_trainer(data):
+    from compare.run import parse_args
+    from compare.sides import numpy_side
+
+    train_x, train_y, _ = data
+    params, state = init_params(0), init_state()
+    assert isinstance(numpy_side("numba").make_trainer(params, state, train_x, train_y, momentum=0.8), FastTrainer)
+    slow = numpy_side("numpy", fast=False).make_trainer(params, state, train_x, train_y, momentum=0.8)
+    assert type(slow) is Trainer and slow.backend == "numpy"
+    assert parse_args([]).reference_trainer is False and parse_args(["--reference-trainer"]).reference_trainer
