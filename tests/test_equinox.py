@@ -34,6 +34,7 @@ from compare.metrics import max_rel_err
 from jaxside import equinox_model as em
 from jaxside.layers import NestedBatchAxisError, UnboundBatchAxisError, batchnorm_train
 from jaxside.model import forward_pass
+from tests.helpers import random_params, random_state
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
@@ -43,27 +44,6 @@ BATCH = 128
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def random_params(seed, dtype, batch_norm=True):
-    """Contract-layout parameters with gamma, beta and biases moved off 1 / 0 (so a mix-up shows)."""
-    params = init_params(seed, np.float64, batch_norm=batch_norm)
-    rng = np.random.default_rng(1000 + seed)
-    for layer in params:
-        for key in layer:
-            if key == "gamma":
-                layer[key] = rng.uniform(0.5, 1.5, layer[key].shape)
-            elif key in ("beta", "bias"):
-                layer[key] = rng.normal(0.0, 0.3, layer[key].shape)
-    return [{k: v.astype(dtype) for k, v in layer.items()} for layer in params]
-
-
-def random_state(seed, dtype):
-    rng = np.random.default_rng(2000 + seed)
-    return [
-        {"mean": rng.normal(0.0, 0.5, 100).astype(dtype), "var": rng.uniform(0.5, 2.0, 100).astype(dtype)}
-        for _ in range(3)
-    ]
 
 
 def random_batch(seed, size=BATCH):

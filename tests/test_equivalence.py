@@ -48,6 +48,7 @@ from jaxside.train import Trainer as JaxTrainer
 from numpyside import layers as NL
 from numpyside import model as N
 from numpyside.train import Trainer as NumpyTrainer
+from tests.helpers import random_params, random_state
 
 BACKENDS = ("numpy", "numba")
 DTYPES = (np.float64, np.float32)
@@ -70,30 +71,6 @@ SPREAD_NUDGES = 4
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-
-
-def random_params(seed, dtype=np.float64, batch_norm=True):
-    """Contract-layout parameters with gamma, beta and biases moved off their trivial 1 / 0, so
-    that a mix-up between them (or a dropped term) changes the numbers. float32 parameters are
-    the float64 ones rounded."""
-    params = init_params(seed, np.float64, batch_norm=batch_norm)
-    rng = np.random.default_rng(1000 + seed)
-    for layer in params:
-        for key in layer:
-            if key == "gamma":
-                layer[key] = rng.uniform(0.5, 1.5, layer[key].shape)
-            elif key in ("beta", "bias"):
-                layer[key] = rng.normal(0.0, 0.3, layer[key].shape)
-    return [{k: v.astype(dtype) for k, v in layer.items()} for layer in params]
-
-
-def random_state(seed, dtype=np.float64):
-    """Running statistics away from 0 / 1, so that eval mode really uses them."""
-    rng = np.random.default_rng(2000 + seed)
-    return [
-        {"mean": rng.normal(0.0, 0.5, s["mean"]).astype(dtype), "var": rng.uniform(0.5, 2.0, s["var"]).astype(dtype)}
-        for s in contract.state_shapes()
-    ]
 
 
 def make_params(kind, seed, dtype, batch_norm):

@@ -21,6 +21,7 @@ from jaxside.layers import UnboundBatchAxisError, batchnorm_eval, batchnorm_trai
 from jaxside.model import batched_forward
 from jaxside.train import main as train_main
 from jaxside.train import train
+from tests.helpers import random_params, random_state
 
 DTYPES = [np.float32, np.float64]
 BATCH = 8
@@ -58,28 +59,6 @@ def np_loss(logits, labels):
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return -log_probs[np.arange(len(labels)), labels].mean()
-
-
-def random_params(seed, dtype=np.float64, batch_norm=True):
-    """Contract-layout parameters with gamma, beta and biases moved off their trivial 1 / 0, so
-    that a mix-up between them (or a dropped term) changes the numbers."""
-    params = init_params(seed, np.float64, batch_norm=batch_norm)
-    rng = np.random.default_rng(1000 + seed)
-    for layer in params:
-        for key in layer:
-            if key == "gamma":
-                layer[key] = rng.uniform(0.5, 1.5, layer[key].shape)
-            elif key in ("beta", "bias"):
-                layer[key] = rng.normal(0.0, 0.3, layer[key].shape)
-    return [{k: v.astype(dtype) for k, v in layer.items()} for layer in params]
-
-
-def random_state(seed, dtype=np.float64):
-    rng = np.random.default_rng(2000 + seed)
-    return [
-        {"mean": rng.normal(0.0, 0.5, s["mean"]).astype(dtype), "var": rng.uniform(0.5, 2.0, s["var"]).astype(dtype)}
-        for s in contract.state_shapes()
-    ]
 
 
 def random_batch(seed, n=BATCH, dtype=np.float64):

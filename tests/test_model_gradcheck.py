@@ -45,6 +45,7 @@ from compare.init import init_params
 from compare.metrics import max_rel_err
 from numpyside import layers as L
 from numpyside import model as M
+from tests.helpers import random_params, random_state
 
 BACKENDS = ("numpy", "numba")
 BATCH = 32
@@ -57,28 +58,6 @@ N_SAMPLED = 15  # plus the argmax, for the weight matrices
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def random_params(seed, dtype=np.float64, batch_norm=True):
-    """Contract-layout parameters with gamma, beta and biases moved off their trivial 1 / 0, so
-    that a mix-up between them (or a dropped term) changes the numbers."""
-    params = init_params(seed, np.float64, batch_norm=batch_norm)
-    rng = np.random.default_rng(1000 + seed)
-    for layer in params:
-        for key in layer:
-            if key == "gamma":
-                layer[key] = rng.uniform(0.5, 1.5, layer[key].shape)
-            elif key in ("beta", "bias"):
-                layer[key] = rng.normal(0.0, 0.3, layer[key].shape)
-    return [{k: v.astype(dtype) for k, v in layer.items()} for layer in params]
-
-
-def random_state(seed, dtype=np.float64):
-    rng = np.random.default_rng(2000 + seed)
-    return [
-        {"mean": rng.normal(0.0, 0.5, s["mean"]).astype(dtype), "var": rng.uniform(0.5, 2.0, s["var"]).astype(dtype)}
-        for s in contract.state_shapes()
-    ]
 
 
 def entries_to_check(grad: np.ndarray, rng: np.random.Generator) -> np.ndarray:
