@@ -23,7 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from numpyside import blas
+from numpyside import blas, kernels
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
@@ -172,34 +172,16 @@ def bias_softmax_cross_entropy(logits, bias, labels, dlogits, dbias):
     NumPy's axis-0 sum). Returns ``loss = -(sum_b log p_{y_b}) / B`` in the logits' dtype.
     """
     n_rows, n_classes = logits.shape
-    dt = logits.dtype.type
-    count = dt(n_rows)
-    one = dt(1)
-    total = dt(0)
+    for i in range(n_rows):
+        for j in range(n_classes):
+            logits[i, j] = logits[i, j] + bias[j]
+    loss = kernels.softmax_cross_entropy_into(logits, labels, dlogits)
     for j in range(n_classes):
         dbias[j] = 0
     for i in range(n_rows):
         for j in range(n_classes):
-            logits[i, j] = logits[i, j] + bias[j]
-        m = logits[i, 0]
-        for j in range(1, n_classes):
-            if logits[i, j] > m:
-                m = logits[i, j]
-        s = dt(0)
-        for j in range(n_classes):
-            e = np.exp(logits[i, j] - m)
-            dlogits[i, j] = e
-            s += e
-        y = labels[i]
-        total += (logits[i, y] - m) - np.log(s)
-        for j in range(n_classes):
-            dlogits[i, j] = dlogits[i, j] / s
-        dlogits[i, y] -= one
-        for j in range(n_classes):
-            g = dlogits[i, j] / count
-            dlogits[i, j] = g
-            dbias[j] += g
-    return -(total / count)
+            dbias[j] += dlogits[i, j]
+    return loss
 
 
 @_jit
