@@ -167,3 +167,15 @@ def check_training_batch_size(batch_size: int) -> None:
             f"batch norm in training mode needs a batch of at least 2 examples, got {batch_size}: "
             "the batch variance of a single example is undefined (and the unbiased running variance divides by n - 1)"
         )
+
+
+def check_training_set(params, state, images, labels) -> tuple[bool, np.dtype, np.ndarray, np.ndarray]:
+    """What every trainer checks once: the parameters, the state, and the training set.
+
+    Returns ``(batch_norm, dtype, images, labels)`` with the images cast to the parameters' dtype
+    and the labels to int32.
+    """
+    batch_norm, dtype = check_params(params)
+    check_state(state, batch_norm, dtype)
+    images = check_images(images, dtype)
+    return batch_norm, dtype, images, check_labels(labels, len(images))

@@ -378,14 +378,13 @@ class Trainer:
     ``lax.scan`` per epoch, the training set on the device, buffers donated."""
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float):
-        batch_norm, dtype = contract.check_params(params)
-        contract.check_state(state, batch_norm, dtype)
+        _, dtype, train_images, train_labels = contract.check_training_set(params, state, train_images, train_labels)
         self.dtype = dtype
         model, self.eqx_state = from_params(params, state)
         self.params, self.static = eqx.partition(model, eqx.is_inexact_array)
         self.velocity = jtu.tree_map(jnp.zeros_like, self.params)
-        self.images = jax.device_put(contract.check_images(train_images, dtype))
-        self.labels = jax.device_put(contract.check_labels(train_labels, len(train_images)))
+        self.images = jax.device_put(train_images)
+        self.labels = jax.device_put(train_labels)
         self.momentum = jnp.asarray(momentum, dtype)
         self._train_epoch = _make_train_epoch(self.static)
         self._compiled = {}

@@ -71,14 +71,13 @@ class Trainer:
     """
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float):
-        batch_norm, dtype = contract.check_params(params)
-        contract.check_state(state, batch_norm, dtype)
+        _, dtype, train_images, train_labels = contract.check_training_set(params, state, train_images, train_labels)
         self.dtype = dtype
         self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), params)
         self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
         self.state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), list(state or []))
-        self.images = jax.device_put(contract.check_images(train_images, dtype))
-        self.labels = jax.device_put(contract.check_labels(train_labels, len(train_images)))
+        self.images = jax.device_put(train_images)
+        self.labels = jax.device_put(train_labels)
         self.momentum = jnp.asarray(momentum, dtype)
         self._compiled = {}
 

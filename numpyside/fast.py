@@ -128,8 +128,8 @@ class FastTrainer:
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
         _check_backend(backend)
-        batch_norm, dtype = contract.check_params(params)
-        contract.check_state(state, batch_norm, dtype)
+        batch_norm, dtype, self.images, self.labels = contract.check_training_set(
+            params, state, train_images, train_labels)
         self.dtype = dtype
         self.backend = backend
         self.batch_norm = batch_norm
@@ -145,8 +145,6 @@ class FastTrainer:
             self._running_var[i] = np.asarray(layer["var"], dtype)
         self.state = ([{"mean": self._running_mean[i], "var": self._running_var[i]} for i in range(n_hidden)]
                       if batch_norm else [])
-        self.images = contract.check_images(train_images, dtype)
-        self.labels = contract.check_labels(train_labels, len(train_images))
         self.momentum = dtype.type(momentum)
         self._eps = dtype.type(BN_EPS)
         self._keep = dtype.type(1 - BN_MOMENTUM)

@@ -47,15 +47,12 @@ class Trainer:
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
         _check_backend(backend)
-        batch_norm, dtype = contract.check_params(params)
-        contract.check_state(state, batch_norm, dtype)
+        _, dtype, self.images, self.labels = contract.check_training_set(params, state, train_images, train_labels)
         self.dtype = dtype
         self.backend = backend
         self.params = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in params]
         self.velocity = [{k: np.zeros_like(v) for k, v in layer.items()} for layer in self.params]
         self.state = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in (state or [])]
-        self.images = contract.check_images(train_images, dtype)
-        self.labels = contract.check_labels(train_labels, len(train_images))
         self.momentum = dtype.type(momentum)
 
     def compile(self, steps: int, batch_size: int) -> float:

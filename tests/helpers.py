@@ -30,3 +30,14 @@ def random_state(seed, dtype=np.float64):
         {"mean": rng.normal(0.0, 0.5, s["mean"]).astype(dtype), "var": rng.uniform(0.5, 2.0, s["var"]).astype(dtype)}
         for s in contract.state_shapes()
     ]
+
+
+def with_changes(layers, index, **changes):
+    """A copy of a list of layer dicts with ``layers[index]``'s keys replaced (``None`` deletes)."""
+    out = [dict(layer) for layer in layers]
+    for key, new in changes.items():
+        if new is None:
+            del out[index][key]
+        else:
+            out[index][key] = new
+    return out

@@ -48,7 +48,7 @@ from jaxside.train import Trainer as JaxTrainer
 from numpyside import layers as NL
 from numpyside import model as N
 from numpyside.train import Trainer as NumpyTrainer
-from tests.helpers import random_params, random_state
+from tests.helpers import random_params, random_state, with_changes
 
 BACKENDS = ("numpy", "numba")
 DTYPES = (np.float64, np.float32)
@@ -408,15 +408,6 @@ def _valid(dtype=np.float32):
     return params, state, rng.random((4, contract.N_INPUTS)).astype(dtype), np.array([0, 1, 2, 3], np.int32)
 
 
-def _with(layers, index, **changes):
-    out = [dict(layer) for layer in layers]
-    for key, new in changes.items():
-        if new is None:
-            del out[index][key]
-        else:
-            out[index][key] = new
-    return out
-
 
 def _poke(images, row, col, value):
     images = images.copy()
@@ -438,14 +429,14 @@ BAD_INPUTS = {
     "label -1": (lambda p, s, x, y: (p, s, x, np.array([0, 1, -1, 2])), r"0\.\.9, found -1", False),
     "labels float": (lambda p, s, x, y: (p, s, x, y.astype(np.float64)), r"labels must be integers", False),
     "labels wrong length": (lambda p, s, x, y: (p, s, x, y[:3]), r"labels must have shape \(4,\).*got \(3,\)", False),
-    "params missing key": (lambda p, s, x, y: (_with(p, 1, beta=None), s, x, y), r"params\[1\] has keys \['gamma', 'weight'\]", True),
+    "params missing key": (lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y), r"params\[1\] has keys \['gamma', 'weight'\]", True),
     "params wrong shape": (
-        lambda p, s, x, y: (_with(p, 2, weight=np.zeros((100, 99), np.float32)), s, x, y),
+        lambda p, s, x, y: (with_changes(p, 2, weight=np.zeros((100, 99), np.float32)), s, x, y),
         r"params\[2\]\['weight'\] has shape \(100, 99\), expected \(100, 100\)",
         True,
     ),
     "params wrong length": (lambda p, s, x, y: (p[:3], s, x, y), r"params must be a list of 4 layer dicts", True),
-    "params mixed dtypes": (lambda p, s, x, y: (_with(p, 3, bias=p[3]["bias"].astype(np.float64)), s, x, y), r"share one dtype", True),
+    "params mixed dtypes": (lambda p, s, x, y: (with_changes(p, 3, bias=p[3]["bias"].astype(np.float64)), s, x, y), r"share one dtype", True),
     "params float16": (
         lambda p, s, x, y: ([{k: v.astype(np.float16) for k, v in lyr.items()} for lyr in p], s, x, y),
         r"float32 or float64, got float16",
@@ -453,7 +444,7 @@ BAD_INPUTS = {
     ),
     "state missing (bn)": (lambda p, s, x, y: (p, [], x, y), r"state must be a list of 3 dicts", True),
     "state wrong shape": (
-        lambda p, s, x, y: (p, _with(s, 1, mean=np.zeros(99, np.float32)), x, y),
+        lambda p, s, x, y: (p, with_changes(s, 1, mean=np.zeros(99, np.float32)), x, y),
         r"state\[1\]\['mean'\] has shape \(99,\), expected \(100,\)",
         True,
     ),

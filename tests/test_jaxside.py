@@ -21,7 +21,7 @@ from jaxside.layers import UnboundBatchAxisError, batchnorm_eval, batchnorm_trai
 from jaxside.model import batched_forward
 from jaxside.train import main as train_main
 from jaxside.train import train
-from tests.helpers import random_params, random_state
+from tests.helpers import random_params, random_state, with_changes
 
 DTYPES = [np.float32, np.float64]
 BATCH = 8
@@ -409,15 +409,6 @@ def _valid():
     return params, state, images, labels
 
 
-def _with(value, index, **changes):
-    out = [dict(layer) for layer in value]
-    for key, new in changes.items():
-        if new is None:
-            del out[index][key]
-        else:
-            out[index][key] = new
-    return out
-
 
 def _nan(images):
     images = images.copy()
@@ -460,13 +451,13 @@ BAD_INPUTS = {
     "label 10": (lambda p, s, x, y: (p, s, x, np.array([0, 10, 1, 2])), r"0\.\.9, found 10"),
     "label -1": (lambda p, s, x, y: (p, s, x, np.array([0, 1, -1, 2])), r"0\.\.9, found -1"),
     "batch of one": (lambda p, s, x, y: (p, s, x[:1], y[:1]), r"at least 2 examples, got 1"),
-    "missing key": (lambda p, s, x, y: (_with(p, 1, beta=None), s, x, y), r"params\[1\] has keys \['gamma', 'weight'\]"),
+    "missing key": (lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y), r"params\[1\] has keys \['gamma', 'weight'\]"),
     "wrong shape": (
-        lambda p, s, x, y: (_with(p, 2, weight=np.zeros((100, 99), np.float32)), s, x, y),
+        lambda p, s, x, y: (with_changes(p, 2, weight=np.zeros((100, 99), np.float32)), s, x, y),
         r"params\[2\]\['weight'\] has shape \(100, 99\), expected \(100, 100\)",
     ),
     "mixed dtypes": (
-        lambda p, s, x, y: (_with(p, 3, bias=p[3]["bias"].astype(np.float64)), s, x, y),
+        lambda p, s, x, y: (with_changes(p, 3, bias=p[3]["bias"].astype(np.float64)), s, x, y),
         r"share one dtype",
     ),
     "float16 params": (
@@ -477,7 +468,7 @@ BAD_INPUTS = {
     "state wrong length": (lambda p, s, x, y: (p, s[:2], x, y), r"state must be a list of 3 dicts"),
     "state missing": (lambda p, s, x, y: (p, [], x, y), r"state must be a list of 3 dicts"),
     "state wrong dtype": (
-        lambda p, s, x, y: (p, _with(s, 0, var=s[0]["var"].astype(np.float64)), x, y),
+        lambda p, s, x, y: (p, with_changes(s, 0, var=s[0]["var"].astype(np.float64)), x, y),
         r"state\[0\]\['var'\] has dtype float64, parameters are float32",
     ),
     "state for batch norm off": (
