@@ -20,6 +20,7 @@ import numpy as np
 from compare import contract
 from compare.contract import BN_MOMENTUM, InputError
 from numpyside.layers import (
+    BACKENDS,
     batchnorm_backward,
     batchnorm_eval,
     batchnorm_forward,
@@ -30,7 +31,6 @@ from numpyside.layers import (
     softmax_cross_entropy,
 )
 
-BACKENDS = ("numpy", "numba")
 DEFAULT_BACKEND = "numba"
 
 
