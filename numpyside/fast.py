@@ -45,7 +45,7 @@ import numpy as np
 
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
-from numpyside import blas, fused
+from numpyside import blas, fused, npexp
 from numpyside.model import DEFAULT_BACKEND, _check_backend, forward
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.
@@ -109,6 +109,7 @@ class _StepBuffers:
         self.dlogits = empty(batch, sizes[-1])
         self.ds = empty(n_hidden, batch, n)  # dL/d(sigmoid output)
         self.d = empty(n_hidden, batch, n)  # dL/d(pre-activation)
+        self.loop_args = np.zeros(5, np.intp)  # scratch of fused.exp_inplace
         self.count = dtype.type(batch)
         self.unbias = dtype.type(batch / (batch - 1)) if batch > 1 else dtype.type(np.nan)
         if backend == "numpy":  # temporaries of the ufunc path
@@ -150,8 +151,9 @@ class FastTrainer:
         self._keep = dtype.type(1 - BN_MOMENTUM)
         self._new = dtype.type(BN_MOMENTUM)
         self._buffers: dict[int, _StepBuffers] = {}
-        #: numba backend: whole stages per call with NumPy's BLAS called from numba (if available)
-        self.staged = backend == "numba" and blas.available()
+        #: numba backend: a whole epoch in one numba call (:func:`numpyside.fused.train_steps`) where
+        #: NumPy's BLAS and exp can be called from numba, else kernel by kernel from Python
+        self.whole_epoch = backend == "numba" and blas.available() and npexp.available()
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
@@ -225,35 +227,24 @@ class FastTrainer:
         batch_indices = np.ascontiguousarray(batch_indices, dtype=np.intp)  # one index type: one compilation
         buffers = self._buffers_for(batch_size)
         losses = np.empty(steps, self.dtype)
-        if self.backend == "numpy":
-            step = self._step_numpy
-        else:
-            step = self._step_staged if self.staged else self._step_numba
+        if self.whole_epoch:
+            self._train_steps(buffers, batch_indices, rates, losses)
+            return losses
+        step = self._step_numpy if self.backend == "numpy" else self._step_numba
         with np.errstate(under="ignore"):  # exp(-|x|) underflows to 0 far out: intended
             for k in range(steps):
                 losses[k] = step(buffers, batch_indices[k], rates[k])
         return losses
 
-    def _step_staged(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
-        """One training step in 4 numba calls (products by NumPy's BLAS from inside numba, see
-        :mod:`numpyside.blas`) and NumPy's ``exp`` between them: the same operations as
-        :meth:`_step_numba`, which makes ~25 calls."""
-        p, g, bn = self._params, self._grads, self.batch_norm
-        eps, keep, new, unbias = self._eps, self._keep, self._new, b.unbias
-        rm, rv, mean, var, inv_std, x_hat, s, z = (self._running_mean, self._running_var, b.mean, b.var, b.inv_std,
-                                                   b.x_hat, b.s, b.z)
-        exp = np.exp
-        fused.stage_first_layer(self.images, self.labels, indices, b.x, b.labels, p.w0, z[0], p.a[0], p.b[0],
-                                eps, rm[0], rv[0], keep, new, unbias, mean[0], var[0], inv_std[0], x_hat[0], s[0], bn)
-        exp(z[0], out=z[0])
-        for i in (1, 2):
-            fused.stage_next_layer(s[i - 1], z[i - 1], p.w_hidden[i - 1], z[i], p.a[i], p.b[i], eps, rm[i], rv[i],
-                                   keep, new, unbias, mean[i], var[i], inv_std[i], x_hat[i], s[i], bn)
-            exp(z[i], out=z[i])
-        return fused.stage_output_backward_sgd(
-            b.x, z, s, x_hat, inv_std, b.ds, b.d, b.labels, b.logits, b.dlogits,
-            p.w_hidden, p.w_out, p.a, p.b_out, g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out,
-            p.flat, self._velocity.flat, g.flat, lr, self.momentum, bn)
+    def _train_steps(self, b: _StepBuffers, batch_indices: np.ndarray, rates: np.ndarray, losses: np.ndarray) -> None:
+        """All steps in one numba call (:func:`numpyside.fused.train_steps`): the same operations as
+        :meth:`_step_numba` step after step, without Python in between."""
+        p, g = self._params, self._grads
+        fused.train_steps(self.images, self.labels, batch_indices, rates, losses, b.x, b.labels, b.z, b.s, b.x_hat,
+                          b.mean, b.var, b.inv_std, b.ds, b.d, b.logits, b.dlogits, p.w0, p.w_hidden, p.w_out, p.a,
+                          p.b, p.b_out, g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out, p.flat, self._velocity.flat,
+                          g.flat, self._running_mean, self._running_var, self._eps, self._keep, self._new, b.unbias,
+                          self.momentum, self.batch_norm, b.loop_args, npexp.LOOP_DATA.get(self.dtype, 0))
 
     def _step_numba(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
         """Gather, forward, backward, SGD: one training step with the fused kernels."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from numpyside import blas, kernels
+from numpyside import blas, kernels, npexp
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
@@ -195,10 +195,10 @@ def sgd_momentum(params, velocity, grads, lr, momentum):
 
 
 # ------------------------------------------------------------------------------------------------
-# Whole stages of a training step in one call each, with the products done by NumPy's own BLAS
-# (numpyside.blas): 4 calls per step instead of ~25 (plus NumPy's exp between them). Only used
-# when numpyside.blas.available(); the same operations on the same operands as the call-by-call
-# path, so the results are the same bits.
+# Whole stages of a training step, and a whole epoch of steps, in one call, with the products done
+# by NumPy's own BLAS (numpyside.blas) and the sigmoid's exp by NumPy's own exp loop
+# (numpyside.npexp). Only used when both are available; the same operations on the same operands
+# as the call-by-call path, so the results are the same bits.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -231,6 +231,24 @@ def matmul_nt(d, w, out):
     """``out = d @ w.T`` (an input gradient) for C-contiguous 2-D arrays."""
     _gemm(blas.NO_TRANS, blas.TRANS, d.shape[0], w.shape[0], d.shape[1], d.ctypes.data, d.shape[1],
           w.ctypes.data, w.shape[1], out.ctypes.data, out.shape[1], d.itemsize)
+
+
+@_jit
+def exp_inplace(x, loop_args, loop_data):
+    """``x <- exp(x)`` for a C-contiguous float array, by the loop ``np.exp`` itself runs (see
+    :mod:`numpyside.npexp`). ``loop_args`` is scratch: 5 ``intp`` for the loop's ``args``
+    (2 pointers), ``dimensions`` (1) and ``steps`` (2); ``loop_data`` the loop's data pointer."""
+    loop_args[0] = x.ctypes.data
+    loop_args[1] = x.ctypes.data
+    loop_args[2] = x.size
+    loop_args[3] = x.itemsize
+    loop_args[4] = x.itemsize
+    base = loop_args.ctypes.data
+    word = loop_args.itemsize
+    if x.itemsize == 4:
+        npexp.exp_loop_f32(base, base + 2 * word, base + 3 * word, loop_data)
+    else:
+        npexp.exp_loop_f64(base, base + 2 * word, base + 3 * word, loop_data)
 
 
 @_jit
@@ -289,3 +307,31 @@ def stage_output_backward_sgd(x, z, s, x_hat, inv_std, ds, d, labels, logits, dl
             matmul_nt(d[i], w_hidden[i - 1], ds[i - 1])
     sgd_momentum(params, velocity, grads, lr, momentum)
     return loss
+
+
+@_jit
+def train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat, mean, var, inv_std, ds, d,
+                logits, dlogits, w0, w_hidden, w_out, a, b, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
+                params, velocity, grads, running_mean, running_var, eps, keep, new, unbias, momentum, batch_norm,
+                loop_args, loop_data):
+    """Steps ``k = 0 .. steps-1``: train on the batch ``batch_indices[k]`` with the learning rate
+    ``rates[k]``, write the loss to ``losses[k]``. The numba counterpart of ``jaxside.train``'s
+    ``lax.scan`` over an epoch: one compiled call, no Python between the steps.
+
+    Each step is :func:`stage_first_layer`, ``exp``, 2 x (:func:`stage_next_layer`, ``exp``) and
+    :func:`stage_output_backward_sgd`, with ``exp`` by NumPy's own loop (:func:`exp_inplace`).
+    Buffers as in those functions; ``(running_mean, running_var)`` are (3, n) and updated in place.
+    """
+    n_hidden = z.shape[0]
+    for k in range(batch_indices.shape[0]):
+        stage_first_layer(images, labels, batch_indices[k], x, y, w0, z[0], a[0], b[0], eps, running_mean[0],
+                          running_var[0], keep, new, unbias, mean[0], var[0], inv_std[0], x_hat[0], s[0], batch_norm)
+        exp_inplace(z[0], loop_args, loop_data)
+        for i in range(1, n_hidden):
+            stage_next_layer(s[i - 1], z[i - 1], w_hidden[i - 1], z[i], a[i], b[i], eps, running_mean[i],
+                             running_var[i], keep, new, unbias, mean[i], var[i], inv_std[i], x_hat[i], s[i],
+                             batch_norm)
+            exp_inplace(z[i], loop_args, loop_data)
+        losses[k] = stage_output_backward_sgd(x, z, s, x_hat, inv_std, ds, d, y, logits, dlogits, w_hidden, w_out,
+                                              a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out, params, velocity,
+                                              grads, rates[k], momentum, batch_norm)
