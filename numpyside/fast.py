@@ -13,12 +13,13 @@ bit-identical losses, parameters and running statistics, see ``tests/test_fast.p
   ``dx = d @ W.T`` straight from transposed operands, no copies); the first layer's ``dx`` is not
   computed;
 * with ``backend="numba"`` the elementwise and reduction work runs in the fused kernels of
-  :mod:`numpyside.fused`: batch norm + running statistics + the first half of the sigmoid in one
-  kernel, the sigmoid's ``exp`` with NumPy (SIMD) in place, the rest of the sigmoid in a second
-  kernel; sigmoid backward + batch-norm backward in one kernel; output bias + softmax + cross-entropy
-  + the output bias's gradient in one; the SGD update of all parameters in one. Where NumPy's own
-  OpenBLAS can be called from numba (:mod:`numpyside.blas`), the kernels and products of a step go
-  in 4 numba calls (plus 3 NumPy ``exp``) instead of ~25 Python-level calls;
+  :mod:`numpyside.fused`: batch norm + running statistics + sigmoid (with the vectorised
+  :func:`numpyside.fastexp.exp_nonpositive`, as the reference numba kernels) in one kernel;
+  sigmoid backward + batch-norm backward in one; output bias + softmax + cross-entropy + the output
+  bias's gradient in one; the SGD update of all parameters in one. Where NumPy's own OpenBLAS can
+  be called from numba (:mod:`numpyside.blas`), a whole epoch (products included) is ONE numba
+  call, :func:`numpyside.fused.train_steps`, the counterpart of the JAX side's ``lax.scan``;
+  otherwise the kernels are called one by one from Python with ``np.matmul`` between them;
 * with ``backend="numpy"`` the same buffers are filled by NumPy ufuncs with ``out=``, in the
   operation order of the reference NumPy backend.
 
@@ -45,7 +46,7 @@ import numpy as np
 
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
-from numpyside import blas, fused, npexp
+from numpyside import blas, fused
 from numpyside.model import DEFAULT_BACKEND, _check_backend, forward
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.
@@ -109,7 +110,6 @@ class _StepBuffers:
         self.dlogits = empty(batch, sizes[-1])
         self.ds = empty(n_hidden, batch, n)  # dL/d(sigmoid output)
         self.d = empty(n_hidden, batch, n)  # dL/d(pre-activation)
-        self.loop_args = np.zeros(5, np.intp)  # scratch of fused.exp_inplace
         self.count = dtype.type(batch)
         self.unbias = dtype.type(batch / (batch - 1)) if batch > 1 else dtype.type(np.nan)
         if backend == "numpy":  # temporaries of the ufunc path
@@ -152,8 +152,8 @@ class FastTrainer:
         self._new = dtype.type(BN_MOMENTUM)
         self._buffers: dict[int, _StepBuffers] = {}
         #: numba backend: a whole epoch in one numba call (:func:`numpyside.fused.train_steps`) where
-        #: NumPy's BLAS and exp can be called from numba, else kernel by kernel from Python
-        self.whole_epoch = backend == "numba" and blas.available() and npexp.available()
+        #: NumPy's BLAS can be called from numba, else kernel by kernel from Python
+        self.whole_epoch = backend == "numba" and blas.available()
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
@@ -244,12 +244,12 @@ class FastTrainer:
                           b.mean, b.var, b.inv_std, b.ds, b.d, b.logits, b.dlogits, p.w0, p.w_hidden, p.w_out, p.a,
                           p.b, p.b_out, g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out, p.flat, self._velocity.flat,
                           g.flat, self._running_mean, self._running_var, self._eps, self._keep, self._new, b.unbias,
-                          self.momentum, self.batch_norm, b.loop_args, npexp.LOOP_DATA.get(self.dtype, 0))
+                          self.momentum, self.batch_norm)
 
     def _step_numba(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
         """Gather, forward, backward, SGD: one training step with the fused kernels."""
         params, grads, state, bn = self.params, self.grads, self.state, self.batch_norm
-        matmul, exp = np.matmul, np.exp
+        matmul = np.matmul
         fused.gather_rows(self.images, indices, b.x)
         fused.gather_labels(self.labels, indices, b.labels)
         x = b.x
@@ -262,8 +262,6 @@ class FastTrainer:
                                          b.x_hat[i], s)
             else:
                 fused.bias_sigmoid_forward(z, layer["bias"], s)
-            exp(z, out=z)
-            fused.sigmoid_finish(s, z)
             x = s
         out_layer, out_grads = params[3], grads[3]
         matmul(x, out_layer["weight"], out=b.logits)

@@ -10,10 +10,9 @@ What is fused is only the loop structure and the memory traffic, not the arithme
 machine ``FastTrainer`` and the reference ``Trainer`` produce bit-identical parameters
 (``tests/test_fast.py``).
 
-The sigmoid's ``exp`` stays NumPy's (SIMD, whole buffer at once) between :func:`bn_sigmoid_forward`
-and :func:`sigmoid_finish`, as in the reference: numba has no vectorised ``exp`` without Intel's
-SVML, and a scalar ``exp`` per element costs more than the whole fused kernel (measured numbers in
-``numpyside/fast.py``).
+The sigmoid's ``exp`` is :func:`numpyside.fastexp.exp_nonpositive`, plain arithmetic that
+vectorises inside the loop that produces the sigmoid's input, as in the reference
+``kernels.sigmoid``: batch norm, the running statistics and the whole sigmoid are one kernel.
 
 Shapes: ``B`` = batch, ``n`` = features; all arrays C-contiguous, one float dtype per call.
 """
@@ -23,7 +22,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from numpyside import blas, kernels, npexp
+from numpyside import blas, kernels
+from numpyside.fastexp import exp_nonpositive
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
@@ -48,19 +48,19 @@ def gather_labels(labels, indices, out):
 @_jit
 def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new, unbias,
                        mean, var, inv_std, x_hat, s):
-    """Training-mode batch norm of ``z`` (B, n), the running-statistics update, and the first half
-    of the sigmoid, in three passes over the batch:
+    """Training-mode batch norm of ``z`` (B, n), the running-statistics update, and the sigmoid,
+    in three passes over the batch:
 
     1. ``mean = sum_b z / B``;
     2. ``var = sum_b (z - mean)**2 / B``, ``inv_std = 1 / sqrt(var + eps)``; running statistics
        ``rm <- keep * rm + new * mean``, ``rv <- keep * rv + new * (var * unbias)`` (in place;
        ``keep = 1 - momentum``, ``new = momentum``, ``unbias = B / (B - 1)``);
-    3. ``x_hat = (z - mean) * inv_std``, ``out = gamma * x_hat + beta`` written to ``s``, and
-       ``-|out|`` written over ``z`` (the argument of the sigmoid's ``exp``, which the caller then
-       takes in place with NumPy before :func:`sigmoid_finish`).
+    3. ``x_hat = (z - mean) * inv_std``, ``out = gamma * x_hat + beta``, ``s = sigmoid(out)``.
 
     Same operations as ``kernels.batchnorm_forward`` + ``model.update_running_stats`` +
-    ``layers.sigmoid_forward`` (``centered`` is recomputed instead of stored: the same rounding).
+    ``kernels.sigmoid`` (``centered`` is recomputed instead of stored: the same rounding). The sums
+    of passes 1 and 2 take four rows per sweep over the features, adding them in row order: the
+    same sums, with a quarter of the loads and stores of the accumulators.
     """
     n_rows, n = z.shape
     dt = z.dtype.type
@@ -69,12 +69,27 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
     for j in range(n):
         mean[j] = 0
         var[j] = 0
-    for i in range(n_rows):
+    i = 0
+    while i + 4 <= n_rows:
+        for j in range(n):
+            mean[j] = (((mean[j] + z[i, j]) + z[i + 1, j]) + z[i + 2, j]) + z[i + 3, j]
+        i += 4
+    for i in range(i, n_rows):
         for j in range(n):
             mean[j] += z[i, j]
     for j in range(n):
         mean[j] = mean[j] / count
-    for i in range(n_rows):
+    i = 0
+    while i + 4 <= n_rows:
+        for j in range(n):
+            m = mean[j]
+            c0 = z[i, j] - m
+            c1 = z[i + 1, j] - m
+            c2 = z[i + 2, j] - m
+            c3 = z[i + 3, j] - m
+            var[j] = (((var[j] + c0 * c0) + c1 * c1) + c2 * c2) + c3 * c3
+        i += 4
+    for i in range(i, n_rows):
         for j in range(n):
             c = z[i, j] - mean[j]
             var[j] += c * c
@@ -88,33 +103,22 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
             h = (z[i, j] - mean[j]) * inv_std[j]
             x_hat[i, j] = h
             out = gamma[j] * h + beta[j]
-            s[i, j] = out
-            z[i, j] = -abs(out)
+            e = exp_nonpositive(-abs(out))
+            numerator = one if out >= 0 else e
+            s[i, j] = numerator / (one + e)
 
 
 @_jit
 def bias_sigmoid_forward(z, bias, s):
-    """Batch norm off: ``out = z + bias`` written to ``s`` and ``-|out|`` over ``z`` (then NumPy's
-    ``exp`` and :func:`sigmoid_finish`, as after :func:`bn_sigmoid_forward`)."""
+    """Batch norm off: ``s = sigmoid(z + bias)`` (``kernels.sigmoid``'s operations), one pass."""
     n_rows, n = z.shape
+    one = z.dtype.type(1)
     for i in range(n_rows):
         for j in range(n):
             out = z[i, j] + bias[j]
-            s[i, j] = out
-            z[i, j] = -abs(out)
-
-
-@_jit
-def sigmoid_finish(s, e):
-    """``s <- 1 / (1 + e)`` where ``s >= 0``, ``s <- e / (1 + e)`` where ``s < 0``, given
-    ``e = exp(-|s|)``: the stable logistic, in place (``kernels.sigmoid_finish`` on 2-D buffers)."""
-    one = s.dtype.type(1)
-    n_rows, n = s.shape
-    for i in range(n_rows):
-        for j in range(n):
-            ek = e[i, j]
-            numerator = one if s[i, j] >= 0 else ek
-            s[i, j] = numerator / (one + ek)
+            e = exp_nonpositive(-abs(out))
+            numerator = one if out >= 0 else e
+            s[i, j] = numerator / (one + e)
 
 
 @_jit
@@ -196,9 +200,8 @@ def sgd_momentum(params, velocity, grads, lr, momentum):
 
 # ------------------------------------------------------------------------------------------------
 # Whole stages of a training step, and a whole epoch of steps, in one call, with the products done
-# by NumPy's own BLAS (numpyside.blas) and the sigmoid's exp by NumPy's own exp loop
-# (numpyside.npexp). Only used when both are available; the same operations on the same operands
-# as the call-by-call path, so the results are the same bits.
+# by NumPy's own BLAS (numpyside.blas). Only used when numpyside.blas.available(); the same
+# operations on the same operands as the call-by-call path, so the results are the same bits.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -234,28 +237,9 @@ def matmul_nt(d, w, out):
 
 
 @_jit
-def exp_inplace(x, loop_args, loop_data):
-    """``x <- exp(x)`` for a C-contiguous float array, by the loop ``np.exp`` itself runs (see
-    :mod:`numpyside.npexp`). ``loop_args`` is scratch: 5 ``intp`` for the loop's ``args``
-    (2 pointers), ``dimensions`` (1) and ``steps`` (2); ``loop_data`` the loop's data pointer."""
-    loop_args[0] = x.ctypes.data
-    loop_args[1] = x.ctypes.data
-    loop_args[2] = x.size
-    loop_args[3] = x.itemsize
-    loop_args[4] = x.itemsize
-    base = loop_args.ctypes.data
-    word = loop_args.itemsize
-    if x.itemsize == 4:
-        npexp.exp_loop_f32(base, base + 2 * word, base + 3 * word, loop_data)
-    else:
-        npexp.exp_loop_f64(base, base + 2 * word, base + 3 * word, loop_data)
-
-
-@_jit
 def stage_first_layer(images, labels, indices, x, y, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
                       mean, var, inv_std, x_hat, s, batch_norm):
-    """Gather the batch, ``z = x @ W``, then batch norm (or the bias) and the sigmoid's first half:
-    on return ``s`` holds the layer's affine output and ``z`` holds ``-|s|`` for NumPy's ``exp``."""
+    """Gather the batch, ``z = x @ W``, then batch norm (or the bias) and the sigmoid into ``s``."""
     gather_rows(images, indices, x)
     gather_labels(labels, indices, y)
     matmul(x, w, z)
@@ -266,11 +250,9 @@ def stage_first_layer(images, labels, indices, x, y, w, z, a, b, eps, running_me
 
 
 @_jit
-def stage_next_layer(s_prev, e_prev, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
+def stage_next_layer(s_prev, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
                      mean, var, inv_std, x_hat, s, batch_norm):
-    """Finish the previous layer's sigmoid (``e_prev = exp(-|s_prev|)``), then this layer as in
-    :func:`stage_first_layer`."""
-    sigmoid_finish(s_prev, e_prev)
+    """``z = s_prev @ W``, then as :func:`stage_first_layer`."""
     matmul(s_prev, w, z)
     if batch_norm:
         bn_sigmoid_forward(z, a, b, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s)
@@ -279,18 +261,17 @@ def stage_next_layer(s_prev, e_prev, w, z, a, b, eps, running_mean, running_var,
 
 
 @_jit
-def stage_output_backward_sgd(x, z, s, x_hat, inv_std, ds, d, labels, logits, dlogits,
+def stage_output_backward_sgd(x, s, x_hat, inv_std, ds, d, labels, logits, dlogits,
                               w_hidden, w_out, a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
                               params, velocity, grads, lr, momentum, batch_norm):
-    """Finish the last hidden sigmoid, the output layer and the loss, the whole backward pass, and
-    the SGD update of all parameters (flat ``params``, ``velocity``, ``grads``). Returns the loss.
+    """The output layer and the loss, the whole backward pass, and the SGD update of all
+    parameters (flat ``params``, ``velocity``, ``grads``). Returns the loss.
 
-    ``z, s, x_hat, ds, d`` are the (3, B, n) stacks of the hidden layers' buffers, ``inv_std``
+    ``s, x_hat, ds, d`` are the (3, B, n) stacks of the hidden layers' buffers, ``inv_std``
     (3, n); ``w_hidden`` (2, n, n) the hidden-to-hidden weights, ``a`` (3, n) the hidden layers'
     gamma (or bias), ``g_*`` the gradients in the same layout.
     """
     last = s.shape[0] - 1
-    sigmoid_finish(s[last], z[last])
     matmul(s[last], w_out, logits)
     loss = bias_softmax_cross_entropy(logits, b_out, labels, dlogits, g_b_out)
     matmul_tn(s[last], dlogits, g_out)
@@ -312,26 +293,21 @@ def stage_output_backward_sgd(x, z, s, x_hat, inv_std, ds, d, labels, logits, dl
 @_jit
 def train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat, mean, var, inv_std, ds, d,
                 logits, dlogits, w0, w_hidden, w_out, a, b, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
-                params, velocity, grads, running_mean, running_var, eps, keep, new, unbias, momentum, batch_norm,
-                loop_args, loop_data):
+                params, velocity, grads, running_mean, running_var, eps, keep, new, unbias, momentum, batch_norm):
     """Steps ``k = 0 .. steps-1``: train on the batch ``batch_indices[k]`` with the learning rate
     ``rates[k]``, write the loss to ``losses[k]``. The numba counterpart of ``jaxside.train``'s
     ``lax.scan`` over an epoch: one compiled call, no Python between the steps.
 
-    Each step is :func:`stage_first_layer`, ``exp``, 2 x (:func:`stage_next_layer`, ``exp``) and
-    :func:`stage_output_backward_sgd`, with ``exp`` by NumPy's own loop (:func:`exp_inplace`).
-    Buffers as in those functions; ``(running_mean, running_var)`` are (3, n) and updated in place.
+    Each step is :func:`stage_first_layer`, :func:`stage_next_layer` for the other hidden layers,
+    and :func:`stage_output_backward_sgd`. Buffers as in those functions; ``running_mean`` and
+    ``running_var`` are (3, n), updated in place.
     """
-    n_hidden = z.shape[0]
     for k in range(batch_indices.shape[0]):
         stage_first_layer(images, labels, batch_indices[k], x, y, w0, z[0], a[0], b[0], eps, running_mean[0],
                           running_var[0], keep, new, unbias, mean[0], var[0], inv_std[0], x_hat[0], s[0], batch_norm)
-        exp_inplace(z[0], loop_args, loop_data)
-        for i in range(1, n_hidden):
-            stage_next_layer(s[i - 1], z[i - 1], w_hidden[i - 1], z[i], a[i], b[i], eps, running_mean[i],
-                             running_var[i], keep, new, unbias, mean[i], var[i], inv_std[i], x_hat[i], s[i],
-                             batch_norm)
-            exp_inplace(z[i], loop_args, loop_data)
-        losses[k] = stage_output_backward_sgd(x, z, s, x_hat, inv_std, ds, d, y, logits, dlogits, w_hidden, w_out,
+        for i in range(1, z.shape[0]):
+            stage_next_layer(s[i - 1], w_hidden[i - 1], z[i], a[i], b[i], eps, running_mean[i], running_var[i],
+                             keep, new, unbias, mean[i], var[i], inv_std[i], x_hat[i], s[i], batch_norm)
+        losses[k] = stage_output_backward_sgd(x, s, x_hat, inv_std, ds, d, y, logits, dlogits, w_hidden, w_out,
                                               a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out, params, velocity,
                                               grads, rates[k], momentum, batch_norm)

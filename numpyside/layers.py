@@ -297,12 +297,7 @@ def sigmoid_forward(x, *, backend: str = "numpy") -> tuple[np.ndarray, np.ndarra
     _check_backend(backend)
     x = _float_array("x", x)
     if backend == "numba":
-        flat = _c(x).reshape(-1)
-        e = np.abs(flat)
-        np.negative(e, out=e)
-        with np.errstate(under="ignore"):
-            np.exp(e, out=e)
-        out = kernels.sigmoid_finish(flat, e).reshape(x.shape)
+        out = kernels.sigmoid(_c(x).reshape(-1)).reshape(x.shape)
     else:
         with np.errstate(under="ignore"):
             e = np.exp(-np.abs(x))

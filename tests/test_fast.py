@@ -23,7 +23,7 @@ import pytest
 from compare import training
 from compare.contract import InputError
 from compare.init import init_params, init_state
-from numpyside import blas, fused, npexp
+from numpyside import blas, fused
 from numpyside.fast import FastTrainer
 from numpyside.train import Trainer
 
@@ -92,8 +92,8 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
 def test_bit_identical_to_the_reference(data, dtype, backend, staged):
     """On one machine the fast path repeats the reference's operations exactly (the numba backend
     both with its products called from numba and with np.matmul between the kernels)."""
-    if staged and not (blas.available() and npexp.available()):
-        pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON or 'ok'}; numpyside.npexp: {npexp.UNAVAILABLE_REASON or 'ok'}")
+    if staged and not blas.available():
+        pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
     reference, fast = make_pair(data, dtype, True, backend)
     fast.whole_epoch = staged
     for ref_losses, fast_losses in train_both(reference, fast, [128]):
@@ -115,22 +115,6 @@ def test_gemm_from_numba_is_numpys_matmul(dtype):
         out = np.full(expected.shape, np.nan, dtype)
         kernel(a, b, out)
         np.testing.assert_array_equal(out, expected)
-
-
-@pytest.mark.skipif(not npexp.available(), reason=f"numpyside.npexp: {npexp.UNAVAILABLE_REASON}")
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("shape", [(1,), (7,), (128, 100), (3, 17, 11)])
-def test_exp_from_numba_is_numpys_exp(dtype, shape):
-    """fused.exp_inplace runs np.exp's own loop: the same bits, whole SIMD registers or not,
-    including exp's edge cases (0, underflow to subnormals and to 0, overflow, inf, nan)."""
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal(shape) * 40).astype(dtype)
-    edges = np.array([0.0, -0.0, -87.5, -103.5, -745.5, 89.0, 710.0, -np.inf, np.inf, np.nan], dtype)
-    x.flat[:min(x.size, edges.size)] = edges[:x.size]
-    with np.errstate(all="ignore"):
-        expected = np.exp(x)
-    fused.exp_inplace(x, np.zeros(5, np.intp), npexp.LOOP_DATA[np.dtype(dtype)])
-    np.testing.assert_array_equal(x.view(f"u{x.itemsize}"), expected.view(f"u{x.itemsize}"))
 
 
 def test_buffers_are_reused_across_batch_sizes(data):
