@@ -23,16 +23,24 @@ bit-identical losses, parameters and running statistics, see ``tests/test_fast.p
 * with ``backend="numpy"`` the same buffers are filled by NumPy ufuncs with ``out=``, in the
   operation order of the reference NumPy backend.
 
-Where the time goes (batch 128, float32, this 2-vCPU machine, quiet; per step, measured): the 11
-BLAS products ~295 us (the same products back to back with hot operands, the "limit" of
-``compare/bench.py``: 290-310 us), gathering the batch's 128 random image rows ~27 us (400 KB from
-memory; prefetching the next batch or huge pages did not help), batch norm + sigmoid forward
-~16 us + NumPy ``exp`` ~16 us + sigmoid finish ~4 us, the backward kernels ~16 us, softmax ~6 us,
-SGD over the 99 k parameters ~18 us; about 400 us in all, 73-78 % of the limit. (The host moves
-this VM's two vCPUs around: in some minutes cross-core traffic is expensive and the same code
-reaches only ~55 %, in others ~89 %.) A sigmoid kernel with numba's scalar ``exp`` measured 3-5x
-slower than NumPy's SIMD ``exp`` plus the fused finish, so ``exp`` stays NumPy's, which also keeps
-the results bit-identical to the reference.
+Where the time goes (batch 128, float32, this 2-vCPU machine, quiet; per step, each part timed in
+a numba loop on the trainer's own buffers): the 11 BLAS products ~295 us (the same products back
+to back, the "limit" of ``compare/bench.py``: 290-300 us), gathering the batch's 128 random
+image rows ~27 us (400 KB from memory at the ~15 GB/s one core draws: a contiguous copy of the
+same size takes as long), batch norm + sigmoid forward ~19 us for the three layers (its ``exp``
+~3 us per layer of it), the backward kernels ~12 us, softmax + cross-entropy ~5 us, SGD over the
+99 k parameters ~9 us; 360-380 us in all, 77-81 % of the limit. In some minutes the host makes
+cross-core traffic expensive (the other vCPU's half of every product's output, and of its
+inputs, crosses cores): then the same step takes 570-640 us while the products alone take only
+~15 % longer.
+
+Tried and measured, not kept: software prefetching of the next batch's rows during the backward
+kernels (slower: 570-590 us against 373-379 us per step), gathering with numba threads (8.7 ms
+per step: they compete with OpenBLAS's spinning worker for the second core), splitting each
+layer's features between two threads with single-threaded BLAS (each thread's half of the
+784 x 100 product took 101 us against 96.5 us for OpenBLAS's own two threads on the whole, and
+15.4 us against 12.7 us at 100 x 100), and NumPy's own ``exp`` loop called from numba (5 % faster
+than the Python calls, 3 % slower than :mod:`numpyside.fastexp` fused into the kernel).
 
 The readable reference stays in :mod:`numpyside.layers`, :mod:`numpyside.model` and
 :mod:`numpyside.train`; nothing here is a different algorithm.
