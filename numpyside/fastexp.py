@@ -30,7 +30,7 @@ The math (the classic argument reduction, e.g. Cody & Waite; Muller, *Elementary
 Accuracy, measured against NumPy's ``np.exp`` (itself within 1 ulp of the true value) over 3.1
 million x <= 0 per dtype (normal and uniform samples down to -800, tiny |x|, and the edge
 cases), in units in the last place of the result: float32 at most 2 ulp (71 % of the results
-identical), float64 at most 1 ulp (89 % identical). ``tests/test_layers.py`` re-measures it.
+identical), float64 at most 1 ulp (89 % identical). ``tests/test_fastexp.py`` re-measures it.
 Only ``x <= 0`` is supported: the clamp does not guard against overflow, and the callers never
 pass a positive argument (the sigmoid passes ``-|x|``).
 """
