@@ -237,23 +237,11 @@ def matmul_nt(d, w, out):
 
 
 @_jit
-def stage_first_layer(images, labels, indices, x, y, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
-                      mean, var, inv_std, x_hat, s, batch_norm):
-    """Gather the batch, ``z = x @ W``, then batch norm (or the bias) and the sigmoid into ``s``."""
-    gather_rows(images, indices, x)
-    gather_labels(labels, indices, y)
+def stage_hidden_layer(x, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
+                       mean, var, inv_std, x_hat, s, batch_norm):
+    """A hidden layer's forward: ``z = x @ W``, then batch norm (or the bias) and the sigmoid into
+    ``s``."""
     matmul(x, w, z)
-    if batch_norm:
-        bn_sigmoid_forward(z, a, b, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s)
-    else:
-        bias_sigmoid_forward(z, a, s)
-
-
-@_jit
-def stage_next_layer(s_prev, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
-                     mean, var, inv_std, x_hat, s, batch_norm):
-    """``z = s_prev @ W``, then as :func:`stage_first_layer`."""
-    matmul(s_prev, w, z)
     if batch_norm:
         bn_sigmoid_forward(z, a, b, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s)
     else:
@@ -298,16 +286,17 @@ def train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat,
     ``rates[k]``, write the loss to ``losses[k]``. The numba counterpart of ``jaxside.train``'s
     ``lax.scan`` over an epoch: one compiled call, no Python between the steps.
 
-    Each step is :func:`stage_first_layer`, :func:`stage_next_layer` for the other hidden layers,
-    and :func:`stage_output_backward_sgd`. Buffers as in those functions; ``running_mean`` and
+    Each step gathers the batch, runs :func:`stage_hidden_layer` for each hidden layer, then
+    :func:`stage_output_backward_sgd`. Buffers as in those functions; ``running_mean`` and
     ``running_var`` are (3, n), updated in place.
     """
     for k in range(batch_indices.shape[0]):
-        stage_first_layer(images, labels, batch_indices[k], x, y, w0, z[0], a[0], b[0], eps, running_mean[0],
-                          running_var[0], keep, new, unbias, mean[0], var[0], inv_std[0], x_hat[0], s[0], batch_norm)
-        for i in range(1, z.shape[0]):
-            stage_next_layer(s[i - 1], w_hidden[i - 1], z[i], a[i], b[i], eps, running_mean[i], running_var[i],
-                             keep, new, unbias, mean[i], var[i], inv_std[i], x_hat[i], s[i], batch_norm)
+        gather_rows(images, batch_indices[k], x)
+        gather_labels(labels, batch_indices[k], y)
+        for i in range(z.shape[0]):
+            stage_hidden_layer(x if i == 0 else s[i - 1], w0 if i == 0 else w_hidden[i - 1], z[i], a[i], b[i], eps,
+                               running_mean[i], running_var[i], keep, new, unbias, mean[i], var[i], inv_std[i],
+                               x_hat[i], s[i], batch_norm)
         losses[k] = stage_output_backward_sgd(x, s, x_hat, inv_std, ds, d, y, logits, dlogits, w_hidden, w_out,
                                               a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out, params, velocity,
                                               grads, rates[k], momentum, batch_norm)
