@@ -108,7 +108,7 @@ class _StepBuffers:
         self.batch = batch
         self.x = empty(batch, sizes[0])  # the gathered images
         self.labels = np.empty(batch, np.int32)  # contract.check_labels gives int32
-        self.z = empty(n_hidden, batch, n)  # pre-activation, then -|out|, then exp(-|out|)
+        self.z = empty(n_hidden, batch, n)  # x @ W (the NumPy path then reuses it for the BN output, 1 + e)
         self.x_hat = empty(n_hidden, batch, n)
         self.s = empty(n_hidden, batch, n)  # sigmoid outputs (the next layer's input)
         self.mean = empty(n_hidden, n)

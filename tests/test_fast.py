@@ -88,14 +88,14 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("backend, staged", [("numba", True), ("numba", False), ("numpy", False)])
-def test_bit_identical_to_the_reference(data, dtype, backend, staged):
+@pytest.mark.parametrize("backend, whole_epoch", [("numba", True), ("numba", False), ("numpy", False)])
+def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch):
     """On one machine the fast path repeats the reference's operations exactly (the numba backend
     both with its products called from numba and with np.matmul between the kernels)."""
-    if staged and not blas.available():
+    if whole_epoch and not blas.available():
         pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
     reference, fast = make_pair(data, dtype, True, backend)
-    fast.whole_epoch = staged
+    fast.whole_epoch = whole_epoch
     for ref_losses, fast_losses in train_both(reference, fast, [128]):
         np.testing.assert_array_equal(fast_losses, ref_losses)
     for a, b in zip(fast.params_numpy() + fast.state_numpy(), reference.params_numpy() + reference.state_numpy()):
