@@ -46,8 +46,14 @@ def _numpy_openblas_candidates() -> list[str]:
     return sorted(path for pattern in patterns for path in glob.glob(pattern))
 
 
+#: NumPy's OpenBLAS (a ``ctypes.CDLL``) and its symbol prefix, once found by :func:`_register`.
+LIBRARY: ctypes.CDLL | None = None
+PREFIX = ""
+
+
 def _register() -> str:
     """Register NumPy's ILP64 ``cblas_?gemm64_`` with LLVM; return "" or why not."""
+    global LIBRARY, PREFIX
     if ctypes.sizeof(ctypes.c_void_p) != 8:
         return "not a 64-bit platform"
     for path in _numpy_openblas_candidates():
@@ -62,6 +68,7 @@ def _register() -> str:
                 continue
             for kind, function in functions.items():
                 llvm.add_symbol(SYMBOLS[kind], ctypes.cast(function, ctypes.c_void_p).value)
+            LIBRARY, PREFIX = library, prefix
             return ""
     return "NumPy's BLAS is not a bundled ILP64 OpenBLAS"
 

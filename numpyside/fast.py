@@ -20,6 +20,11 @@ bit-identical losses, parameters and running statistics, see ``tests/test_fast.p
   be called from numba (:mod:`numpyside.blas`), a whole epoch (products included) is ONE numba
   call, :func:`numpyside.fused.train_steps`, the counterpart of the JAX side's ``lax.scan``;
   otherwise the kernels are called one by one from Python with ``np.matmul`` between them;
+* where OpenBLAS lets numba's threads run its jobs (:mod:`numpyside.threads`), the epoch runs as
+  :func:`numpyside.fused.train_steps_threaded`: BLAS's two halves of every product and two halves
+  of every kernel (rows of the gather, features of batch norm, slices of the SGD update) on the
+  same two threads, where OpenBLAS's own worker would otherwise spin on the second core while the
+  kernels run on the first. Same bits again: each half does exactly what the whole did for it;
 * with ``backend="numpy"`` the same buffers are filled by NumPy ufuncs with ``out=``, in the
   operation order of the reference NumPy backend.
 
@@ -35,8 +40,9 @@ inputs, crosses cores): then the same step takes 570-640 us while the products a
 ~15 % longer.
 
 Tried and measured, not kept: software prefetching of the next batch's rows during the backward
-kernels (slower: 570-590 us against 373-379 us per step), gathering with numba threads (8.7 ms
-per step: they compete with OpenBLAS's spinning worker for the second core), splitting each
+kernels (slower: 570-590 us against 373-379 us per step), numba threads next to OpenBLAS's own
+(8.7 ms per step: they fight its spinning worker for the second core; hence
+:mod:`numpyside.threads`, which gives OpenBLAS's jobs to numba's threads instead), splitting each
 layer's features between two threads with single-threaded BLAS (each thread's half of the
 784 x 100 product took 101 us against 96.5 us for OpenBLAS's own two threads on the whole, and
 15.4 us against 12.7 us at 100 x 100), and NumPy's own ``exp`` loop called from numba (5 % faster
@@ -48,13 +54,14 @@ The readable reference stays in :mod:`numpyside.layers`, :mod:`numpyside.model` 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
-from numpyside import blas, fused
+from numpyside import blas, fused, threads
 from numpyside.model import DEFAULT_BACKEND, _check_backend, forward
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.
@@ -162,6 +169,8 @@ class FastTrainer:
         #: numba backend: a whole epoch in one numba call (:func:`numpyside.fused.train_steps`) where
         #: NumPy's BLAS can be called from numba, else kernel by kernel from Python
         self.whole_epoch = backend == "numba" and blas.available()
+        #: ... with BLAS and the kernels on numba's threads (:mod:`numpyside.threads`) where possible
+        self.threaded = self.whole_epoch and threads.available()
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
@@ -200,8 +209,12 @@ class FastTrainer:
         return self._run(batch_indices, rates)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Eval-mode class predictions for ``images`` (the reference forward pass)."""
-        logits = forward(self.params, self.state, np.asarray(images, self.dtype), train=False, backend=self.backend)[0]
+        """Eval-mode class predictions for ``images`` (the reference forward pass; with
+        ``self.threaded`` its products, too, run on numba's threads, so that OpenBLAS's own
+        threads stay asleep and do not compete with them at the next epoch)."""
+        images = np.asarray(images, self.dtype)
+        with threads.blas_on_numba_threads() if self.threaded else contextlib.nullcontext():
+            logits = forward(self.params, self.state, images, train=False, backend=self.backend)[0]
         return np.argmax(logits, axis=-1)
 
     def params_numpy(self):
@@ -246,19 +259,26 @@ class FastTrainer:
 
     def _train_steps(self, b: _StepBuffers, batch_indices: np.ndarray, rates: np.ndarray, losses: np.ndarray) -> None:
         """All steps in one numba call (:func:`numpyside.fused.train_steps`): the same operations as
-        :meth:`_step_numba` step after step, without Python in between."""
+        :meth:`_step_numba` step after step, without Python in between. With ``self.threaded``,
+        the kernels' work is split across numba's threads, which also run BLAS's jobs
+        (:mod:`numpyside.threads`); the results are the same bits."""
         p, g = self._params, self._grads
-        fused.train_steps(self.images, self.labels, batch_indices, rates, losses, b.x, b.labels, b.z, b.s, b.x_hat,
-                          b.mean, b.var, b.inv_std, b.ds, b.d, b.logits, b.dlogits, p.w0, p.w_hidden, p.w_out, p.a,
-                          p.b, p.b_out, g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out, p.flat, self._velocity.flat,
-                          g.flat, self._running_mean, self._running_var, self._eps, self._keep, self._new, b.unbias,
-                          self.momentum, self.batch_norm)
+        args = (self.images, self.labels, batch_indices, rates, losses, b.x, b.labels, b.z, b.s, b.x_hat, b.mean,
+                b.var, b.inv_std, b.ds, b.d, b.logits, b.dlogits, p.w0, p.w_hidden, p.w_out, p.a, p.b, p.b_out,
+                g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out, p.flat, self._velocity.flat, g.flat,
+                self._running_mean, self._running_var, self._eps, self._keep, self._new, b.unbias, self.momentum,
+                self.batch_norm)
+        if self.threaded:
+            with threads.blas_on_numba_threads():
+                fused.train_steps_threaded(*args, threads.parts())
+        else:
+            fused.train_steps(*args, 1)
 
     def _step_numba(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
         """Gather, forward, backward, SGD: one training step with the fused kernels."""
         params, grads, state, bn = self.params, self.grads, self.state, self.batch_norm
         matmul = np.matmul
-        fused.gather_rows(self.images, indices, b.x)
+        fused.gather_rows(self.images, indices, b.x, 0, b.batch)
         fused.gather_labels(self.labels, indices, b.labels)
         x = b.x
         for i in range(3):
@@ -267,9 +287,9 @@ class FastTrainer:
             if bn:
                 fused.bn_sigmoid_forward(z, layer["gamma"], layer["beta"], self._eps, state[i]["mean"], state[i]["var"],
                                          self._keep, self._new, b.unbias, b.mean[i], b.var[i], b.inv_std[i],
-                                         b.x_hat[i], s)
+                                         b.x_hat[i], s, 0, s.shape[1])
             else:
-                fused.bias_sigmoid_forward(z, layer["bias"], s)
+                fused.bias_sigmoid_forward(z, layer["bias"], s, 0, s.shape[1])
             x = s
         out_layer, out_grads = params[3], grads[3]
         matmul(x, out_layer["weight"], out=b.logits)
@@ -281,12 +301,13 @@ class FastTrainer:
             matmul(d, weight.T, out=ds)
             if bn:
                 fused.sigmoid_bn_backward(ds, b.s[i], b.x_hat[i], layer["gamma"], b.inv_std[i], b.d[i],
-                                          layer_grads["gamma"], layer_grads["beta"])
+                                          layer_grads["gamma"], layer_grads["beta"], 0, ds.shape[1])
             else:
-                fused.sigmoid_bias_backward(ds, b.s[i], b.d[i], layer_grads["bias"])
+                fused.sigmoid_bias_backward(ds, b.s[i], b.d[i], layer_grads["bias"], 0, ds.shape[1])
             d, weight = b.d[i], layer["weight"]
             matmul((b.s[i - 1] if i else b.x).T, d, out=layer_grads["weight"])
-        fused.sgd_momentum(self._params.flat, self._velocity.flat, self._grads.flat, lr, self.momentum)
+        flat = self._params.flat
+        fused.sgd_momentum(flat, self._velocity.flat, self._grads.flat, lr, self.momentum, 0, flat.shape[0])
         return loss
 
     def _step_numpy(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:

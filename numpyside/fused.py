@@ -14,10 +14,17 @@ The sigmoid's ``exp`` is :func:`numpyside.fastexp.exp_nonpositive`, plain arithm
 vectorises inside the loop that produces the sigmoid's input, as in the reference
 ``kernels.sigmoid``: batch norm, the running statistics and the whole sigmoid are one kernel.
 
+Each kernel works on a range of its array, ``lo <= j < hi`` (features of batch norm, rows of the
+gather, elements of the SGD update; ``(0, n)`` for all of it): the parts of a range are
+independent (a feature's batch sums stay whole, in row order), so two threads can take one part
+each and the result does not change (:func:`train_steps_threaded`).
+
 Shapes: ``B`` = batch, ``n`` = features; all arrays C-contiguous, one float dtype per call.
 """
 
 from __future__ import annotations
+
+import types as pytypes
 
 import numba
 import numpy as np
@@ -29,10 +36,10 @@ _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, b
 
 
 @_jit
-def gather_rows(source, indices, out):
-    """``out[k] = source[indices[k]]`` for the rows of a 2-D array (a batch of images)."""
+def gather_rows(source, indices, out, lo, hi):
+    """``out[k] = source[indices[k]]`` for the rows ``lo <= k < hi`` of a batch of images."""
     n = source.shape[1]
-    for k in range(indices.shape[0]):
+    for k in range(lo, hi):
         row = indices[k]
         for j in range(n):
             out[k, j] = source[row, j]
@@ -47,7 +54,7 @@ def gather_labels(labels, indices, out):
 
 @_jit
 def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new, unbias,
-                       mean, var, inv_std, x_hat, s):
+                       mean, var, inv_std, x_hat, s, lo, hi):
     """Training-mode batch norm of ``z`` (B, n), the running-statistics update, and the sigmoid,
     in three passes over the batch:
 
@@ -62,26 +69,26 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
     of passes 1 and 2 take four rows per sweep over the features, adding them in row order: the
     same sums, with a quarter of the loads and stores of the accumulators.
     """
-    n_rows, n = z.shape
+    n_rows = z.shape[0]
     dt = z.dtype.type
     count = dt(n_rows)
     one = dt(1)
-    for j in range(n):
+    for j in range(lo, hi):
         mean[j] = 0
         var[j] = 0
     i = 0
     while i + 4 <= n_rows:
-        for j in range(n):
+        for j in range(lo, hi):
             mean[j] = (((mean[j] + z[i, j]) + z[i + 1, j]) + z[i + 2, j]) + z[i + 3, j]
         i += 4
     for i in range(i, n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             mean[j] += z[i, j]
-    for j in range(n):
+    for j in range(lo, hi):
         mean[j] = mean[j] / count
     i = 0
     while i + 4 <= n_rows:
-        for j in range(n):
+        for j in range(lo, hi):
             m = mean[j]
             c0 = z[i, j] - m
             c1 = z[i + 1, j] - m
@@ -90,16 +97,16 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
             var[j] = (((var[j] + c0 * c0) + c1 * c1) + c2 * c2) + c3 * c3
         i += 4
     for i in range(i, n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             c = z[i, j] - mean[j]
             var[j] += c * c
-    for j in range(n):
+    for j in range(lo, hi):
         var[j] = var[j] / count
         inv_std[j] = one / np.sqrt(var[j] + eps)
         running_mean[j] = keep * running_mean[j] + new * mean[j]
         running_var[j] = keep * running_var[j] + new * (var[j] * unbias)
     for i in range(n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             h = (z[i, j] - mean[j]) * inv_std[j]
             x_hat[i, j] = h
             out = gamma[j] * h + beta[j]
@@ -109,12 +116,12 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
 
 
 @_jit
-def bias_sigmoid_forward(z, bias, s):
+def bias_sigmoid_forward(z, bias, s, lo, hi):
     """Batch norm off: ``s = sigmoid(z + bias)`` (``kernels.sigmoid``'s operations), one pass."""
-    n_rows, n = z.shape
+    n_rows = z.shape[0]
     one = z.dtype.type(1)
     for i in range(n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             out = z[i, j] + bias[j]
             e = exp_nonpositive(-abs(out))
             numerator = one if out >= 0 else e
@@ -122,7 +129,7 @@ def bias_sigmoid_forward(z, bias, s):
 
 
 @_jit
-def sigmoid_bn_backward(ds, s, x_hat, gamma, inv_std, d, dgamma, dbeta):
+def sigmoid_bn_backward(ds, s, x_hat, gamma, inv_std, d, dgamma, dbeta, lo, hi):
     """Backward of sigmoid then batch norm; ``ds = dL/ds`` (B, n). Two passes:
 
     1. ``dout = ds * s * (1 - s)`` (stored in ``d``), ``dbeta = sum_b dout``,
@@ -131,35 +138,35 @@ def sigmoid_bn_backward(ds, s, x_hat, gamma, inv_std, d, dgamma, dbeta):
 
     Same operations as ``kernels.sigmoid_backward`` + ``kernels.batchnorm_backward``.
     """
-    n_rows, n = ds.shape
+    n_rows = ds.shape[0]
     dt = ds.dtype.type
     count = dt(n_rows)
     one = dt(1)
-    for j in range(n):
+    for j in range(lo, hi):
         dbeta[j] = 0
         dgamma[j] = 0
     for i in range(n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             sk = s[i, j]
             dout = ds[i, j] * sk * (one - sk)
             d[i, j] = dout
             dbeta[j] += dout
             dgamma[j] += dout * x_hat[i, j]
     for i in range(n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             scale = gamma[j] * inv_std[j] / count
             d[i, j] = scale * (count * d[i, j] - dbeta[j] - x_hat[i, j] * dgamma[j])
 
 
 @_jit
-def sigmoid_bias_backward(ds, s, d, dbias):
+def sigmoid_bias_backward(ds, s, d, dbias, lo, hi):
     """Batch norm off: ``d = ds * s * (1 - s)`` and ``dbias = sum_b d`` (one pass)."""
-    n_rows, n = ds.shape
+    n_rows = ds.shape[0]
     one = ds.dtype.type(1)
-    for j in range(n):
+    for j in range(lo, hi):
         dbias[j] = 0
     for i in range(n_rows):
-        for j in range(n):
+        for j in range(lo, hi):
             sk = s[i, j]
             dout = ds[i, j] * sk * (one - sk)
             d[i, j] = dout
@@ -189,10 +196,11 @@ def bias_softmax_cross_entropy(logits, bias, labels, dlogits, dbias):
 
 
 @_jit
-def sgd_momentum(params, velocity, grads, lr, momentum):
-    """``v <- v * momentum + g``; ``p <- p - lr * v`` over flat (1-D) buffers holding every parameter
-    (the reference's ``np.multiply``, ``np.add``, ``p -= lr * v``: two roundings each, no FMA)."""
-    for k in range(params.shape[0]):
+def sgd_momentum(params, velocity, grads, lr, momentum, lo, hi):
+    """``v <- v * momentum + g``; ``p <- p - lr * v`` over the elements ``lo <= k < hi`` of flat
+    (1-D) buffers holding every parameter (the reference's ``np.multiply``, ``np.add``,
+    ``p -= lr * v``: two roundings each, no FMA)."""
+    for k in range(lo, hi):
         v = velocity[k] * momentum + grads[k]
         velocity[k] = v
         params[k] = params[k] - lr * v
@@ -237,66 +245,87 @@ def matmul_nt(d, w, out):
 
 
 @_jit
-def stage_hidden_layer(x, w, z, a, b, eps, running_mean, running_var, keep, new, unbias,
-                       mean, var, inv_std, x_hat, s, batch_norm):
-    """A hidden layer's forward: ``z = x @ W``, then batch norm (or the bias) and the sigmoid into
-    ``s``."""
-    matmul(x, w, z)
-    if batch_norm:
-        bn_sigmoid_forward(z, a, b, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s)
-    else:
-        bias_sigmoid_forward(z, a, s)
+def part_bounds(n, part, parts, align):
+    """``(lo, hi)``: part ``part`` of ``parts`` nearly equal parts of ``range(n)``, the inner
+    boundaries rounded to multiples of ``align`` (16 floats: one cache line, so that two threads
+    writing neighbouring parts of a row share no line where the row starts on one)."""
+    lo = 0 if part == 0 else min(n, (part * n // parts + align // 2) // align * align)
+    hi = n if part == parts - 1 else min(n, ((part + 1) * n // parts + align // 2) // align * align)
+    return lo, hi
 
 
-@_jit
-def stage_output_backward_sgd(x, s, x_hat, inv_std, ds, d, labels, logits, dlogits,
-                              w_hidden, w_out, a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
-                              params, velocity, grads, lr, momentum, batch_norm):
-    """The output layer and the loss, the whole backward pass, and the SGD update of all
-    parameters (flat ``params``, ``velocity``, ``grads``). Returns the loss.
-
-    ``s, x_hat, ds, d`` are the (3, B, n) stacks of the hidden layers' buffers, ``inv_std``
-    (3, n); ``w_hidden`` (2, n, n) the hidden-to-hidden weights, ``a`` (3, n) the hidden layers'
-    gamma (or bias), ``g_*`` the gradients in the same layout.
-    """
-    last = s.shape[0] - 1
-    matmul(s[last], w_out, logits)
-    loss = bias_softmax_cross_entropy(logits, b_out, labels, dlogits, g_b_out)
-    matmul_tn(s[last], dlogits, g_out)
-    matmul_nt(dlogits, w_out, ds[last])
-    for i in range(last, -1, -1):
-        if batch_norm:
-            sigmoid_bn_backward(ds[i], s[i], x_hat[i], a[i], inv_std[i], d[i], g_a[i], g_b[i])
-        else:
-            sigmoid_bias_backward(ds[i], s[i], d[i], g_a[i])
-        if i == 0:
-            matmul_tn(x, d[0], g_w0)
-        else:
-            matmul_tn(s[i - 1], d[i], g_hidden[i - 1])
-            matmul_nt(d[i], w_hidden[i - 1], ds[i - 1])
-    sgd_momentum(params, velocity, grads, lr, momentum)
-    return loss
-
-
-@_jit
-def train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat, mean, var, inv_std, ds, d,
-                logits, dlogits, w0, w_hidden, w_out, a, b, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
-                params, velocity, grads, running_mean, running_var, eps, keep, new, unbias, momentum, batch_norm):
+def _train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat, mean, var, inv_std, ds, d,
+                 logits, dlogits, w0, w_hidden, w_out, a, b, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
+                 params, velocity, grads, running_mean, running_var, eps, keep, new, unbias, momentum, batch_norm,
+                 parts):
     """Steps ``k = 0 .. steps-1``: train on the batch ``batch_indices[k]`` with the learning rate
     ``rates[k]``, write the loss to ``losses[k]``. The numba counterpart of ``jaxside.train``'s
     ``lax.scan`` over an epoch: one compiled call, no Python between the steps.
 
-    Each step gathers the batch, runs :func:`stage_hidden_layer` for each hidden layer, then
-    :func:`stage_output_backward_sgd`. Buffers as in those functions; ``running_mean`` and
-    ``running_var`` are (3, n), updated in place.
+    A step: gather the batch; per hidden layer ``z = x @ W`` then batch norm + sigmoid; the output
+    layer, softmax and loss; per hidden layer, last first, the sigmoid + batch-norm backward, then
+    ``dW = x.T @ d`` and ``dx = d @ W.T``; the SGD update of all parameters. Every kernel's work is
+    split into ``parts`` independent parts, each a ``prange`` iteration: rows of the gather, FEATURES
+    of batch norm (its sums run over the batch, so a feature's sum stays whole, in row order), slices
+    of the flat parameters in SGD. Compiled twice: :func:`train_steps` (``parts = 1``, ``prange``
+    is ``range``) and :func:`train_steps_threaded` (``parallel=True``, used inside
+    :func:`numpyside.threads.blas_on_numba_threads`, where the products run on the same threads).
+    The results do not depend on ``parts``.
+
+    Buffers: ``z, s, x_hat, ds, d`` are the (3, B, n) stacks of the hidden layers' buffers, ``mean,
+    var, inv_std`` and ``running_mean, running_var`` (3, n); ``w_hidden`` (2, n, n) the
+    hidden-to-hidden weights, ``a`` (3, n) the hidden layers' gamma (or bias), ``b`` (3, n) their
+    beta; ``g_*`` the gradients in the same layout, and ``params, velocity, grads`` the flat
+    buffers that all of them are views of.
     """
+    n_hidden, n_rows, n = z.shape
+    last = n_hidden - 1
     for k in range(batch_indices.shape[0]):
-        gather_rows(images, batch_indices[k], x)
-        gather_labels(labels, batch_indices[k], y)
-        for i in range(z.shape[0]):
-            stage_hidden_layer(x if i == 0 else s[i - 1], w0 if i == 0 else w_hidden[i - 1], z[i], a[i], b[i], eps,
-                               running_mean[i], running_var[i], keep, new, unbias, mean[i], var[i], inv_std[i],
-                               x_hat[i], s[i], batch_norm)
-        losses[k] = stage_output_backward_sgd(x, s, x_hat, inv_std, ds, d, y, logits, dlogits, w_hidden, w_out,
-                                              a, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out, params, velocity,
-                                              grads, rates[k], momentum, batch_norm)
+        indices = batch_indices[k]
+        for part in numba.prange(parts):
+            lo, hi = part_bounds(n_rows, part, parts, 1)
+            gather_rows(images, indices, x, lo, hi)
+        gather_labels(labels, indices, y)
+        for i in range(n_hidden):
+            matmul(x if i == 0 else s[i - 1], w0 if i == 0 else w_hidden[i - 1], z[i])
+            for part in numba.prange(parts):
+                lo, hi = part_bounds(n, part, parts, 16)
+                if batch_norm:
+                    bn_sigmoid_forward(z[i], a[i], b[i], eps, running_mean[i], running_var[i], keep, new, unbias,
+                                       mean[i], var[i], inv_std[i], x_hat[i], s[i], lo, hi)
+                else:
+                    bias_sigmoid_forward(z[i], a[i], s[i], lo, hi)
+        matmul(s[last], w_out, logits)
+        losses[k] = bias_softmax_cross_entropy(logits, b_out, y, dlogits, g_b_out)
+        matmul_tn(s[last], dlogits, g_out)
+        matmul_nt(dlogits, w_out, ds[last])
+        for i in range(last, -1, -1):
+            for part in numba.prange(parts):
+                lo, hi = part_bounds(n, part, parts, 16)
+                if batch_norm:
+                    sigmoid_bn_backward(ds[i], s[i], x_hat[i], a[i], inv_std[i], d[i], g_a[i], g_b[i], lo, hi)
+                else:
+                    sigmoid_bias_backward(ds[i], s[i], d[i], g_a[i], lo, hi)
+            if i == 0:
+                matmul_tn(x, d[0], g_w0)
+            else:
+                matmul_tn(s[i - 1], d[i], g_hidden[i - 1])
+                matmul_nt(d[i], w_hidden[i - 1], ds[i - 1])
+        for part in numba.prange(parts):
+            lo, hi = part_bounds(params.shape[0], part, parts, 16)
+            sgd_momentum(params, velocity, grads, rates[k], momentum, lo, hi)
+
+
+def _copy_named(function, name: str):
+    """``function`` under another name: numba's on-disk cache files a compiled function under its
+    name and line, so the serial and the parallel compilation of one body need two names."""
+    copy = pytypes.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
+                                function.__closure__)
+    copy.__qualname__ = name
+    copy.__doc__ = function.__doc__
+    return copy
+
+
+train_steps = _jit(_copy_named(_train_steps, "train_steps"))
+train_steps_threaded = numba.njit(cache=True, parallel=True, fastmath=False, error_model="numpy", nogil=True,
+                                  boundscheck=False)(_copy_named(_train_steps, "train_steps_threaded"))

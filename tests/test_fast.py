@@ -23,7 +23,7 @@ import pytest
 from compare import training
 from compare.contract import InputError
 from compare.init import init_params, init_state
-from numpyside import blas, fused
+from numpyside import blas, fused, threads
 from numpyside.fast import FastTrainer
 from numpyside.train import Trainer
 
@@ -88,14 +88,18 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("backend, whole_epoch", [("numba", True), ("numba", False), ("numpy", False)])
-def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch):
-    """On one machine the fast path repeats the reference's operations exactly (the numba backend
-    both with its products called from numba and with np.matmul between the kernels)."""
+@pytest.mark.parametrize("backend, whole_epoch, threaded", [("numba", True, True), ("numba", True, False),
+                                                       ("numba", False, False), ("numpy", False, False)])
+def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch, threaded):
+    """On one machine the fast path repeats the reference's operations exactly: the numba backend
+    with a whole epoch in one call (its kernels and BLAS's jobs on numba's threads, or BLAS on its
+    own threads and the kernels on one) and with np.matmul between the kernels; the NumPy backend."""
     if whole_epoch and not blas.available():
         pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
+    if threaded and not threads.available():
+        pytest.skip(f"numpyside.threads: {threads.unavailable_reason()}")
     reference, fast = make_pair(data, dtype, True, backend)
-    fast.whole_epoch = whole_epoch
+    fast.whole_epoch, fast.threaded = whole_epoch, threaded
     for ref_losses, fast_losses in train_both(reference, fast, [128]):
         np.testing.assert_array_equal(fast_losses, ref_losses)
     for a, b in zip(fast.params_numpy() + fast.state_numpy(), reference.params_numpy() + reference.state_numpy()):
@@ -209,3 +213,29 @@ def test_the_comparison_trains_the_numpy_side_with_the_fast_trainer(data):
     slow = numpy_side("numpy", fast=False).make_trainer(params, state, train_x, train_y, momentum=0.8)
     assert type(slow) is Trainer and slow.backend == "numpy"
     assert parse_args([]).reference_trainer is False and parse_args(["--reference-trainer"]).reference_trainer
+
+
+@pytest.mark.parametrize("n, parts, align", [(100, 2, 16), (128, 2, 1), (99_584, 2, 16), (100, 3, 16), (7, 2, 16),
+                                             (5, 1, 16)])
+def test_part_bounds_cover_the_range_in_aligned_disjoint_parts(n, parts, align):
+    bounds = [fused.part_bounds(n, part, parts, align) for part in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(hi == next_lo for (_, hi), (next_lo, _) in zip(bounds, bounds[1:]))
+    assert all(lo <= hi for lo, hi in bounds)
+    assert all(lo % align == 0 for lo, _ in bounds[1:] if lo < n)
+
+
+@pytest.mark.skipif(not threads.available(), reason=f"numpyside.threads: {threads.unavailable_reason()}")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_blas_on_numba_threads_gives_the_same_products(dtype):
+    """OpenBLAS's jobs run on numba's threads compute exactly what its own threads compute; on exit
+    its own threads are back and still give those bits."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((128, 784)).astype(dtype), rng.standard_normal((784, 100)).astype(dtype)
+    native = x @ w
+    with threads.blas_on_numba_threads():
+        on_numba_threads = x @ w
+        transposed = x.T @ native
+    np.testing.assert_array_equal(on_numba_threads, native)
+    np.testing.assert_array_equal(transposed, x.T @ native)
+    np.testing.assert_array_equal(x @ w, native)
