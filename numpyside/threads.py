@@ -13,8 +13,8 @@ OpenBLAS (0.3.27 and later) lets a program replace its thread server:
 when they are done. :func:`_callback` is that function, compiled by numba; it runs the jobs as a
 ``prange`` on numba's threads. Inside :func:`blas_on_numba_threads`, then, BLAS and the kernels of
 :mod:`numpyside.fused` share ONE pool: with the OpenMP threading layer the same two threads take
-job 0 / part 0 and job 1 / part 1 of every product and every kernel, so nothing competes for a
-core, and a product's two halves are computed exactly as OpenBLAS's own threads compute them
+one job of every product and one part of every kernel, so nothing competes for a core, and a
+product's two halves are computed exactly as OpenBLAS's own threads compute them
 (same jobs, same kernels: the same bits, ``tests/test_fast.py``).
 
 :func:`available` is False (and :class:`numpyside.fast.FastTrainer` keeps OpenBLAS's own threads
