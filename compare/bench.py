@@ -11,7 +11,8 @@ kind of machine drifts: see :func:`measure_interleaved`):
   step from Python (mode ``"jit-step"``);
 * ``numpy`` / ``numba``: :class:`numpyside.fast.FastTrainer` with the NumPy-ufunc and the fused
   numba kernels (mode ``"fast"``), and the readable reference :class:`numpyside.train.Trainer`
-  (mode ``"reference"``);
+  (mode ``"reference"``); in full runs also the numba FastTrainer with OpenBLAS on its own
+  threads instead of numba's (mode ``"fast-own-threads"``, see :mod:`numpyside.threads`);
 * ``torch``: the same network in PyTorch eager mode on the CPU, if PyTorch is installed (an
   optional outside reference; skipped with a note otherwise);
 
@@ -263,15 +264,26 @@ class Setup:
     momentum: float = training.DEFAULT_MOMENTUM
 
 
-def numpy_runner(setup: Setup, batches: np.ndarray, *, backend: str, reference: bool = False):
+def numpy_runner(setup: Setup, batches: np.ndarray, *, backend: str, reference: bool = False,
+                 own_blas_threads: bool = False):
+    """The NumPy side's trainer on ``batches``; ``own_blas_threads``: the numba FastTrainer with
+    OpenBLAS on its own threads and the kernels on one (not on numba's threads, see
+    :mod:`numpyside.threads`), to show what sharing one pool of threads gains."""
     from numpyside.fast import FastTrainer
     from numpyside.train import Trainer
 
     cls = Trainer if reference else FastTrainer
     trainer = cls(setup.params, setup.state, setup.images, setup.labels, momentum=setup.momentum, backend=backend)
+    if own_blas_threads:
+        trainer.threaded = False
     trainer.compile(*batches.shape)
     rates = np.full(len(batches), BENCH_LR)
-    return lambda: trainer.epoch(batches, rates)
+
+    def run():
+        trainer.epoch(batches, rates)
+
+    run.threaded = getattr(trainer, "threaded", False)
+    return run
 
 
 def jax_scan_runner(setup: Setup, batches: np.ndarray):
@@ -404,6 +416,8 @@ def step_runners(setup: Setup, batches: np.ndarray, impls, *, reference: bool) -
             runs[backend, "fast"] = numpy_runner(setup, batches, backend=backend)
             if reference:
                 runs[backend, "reference"] = numpy_runner(setup, batches, backend=backend, reference=True)
+    if reference and "numba" in impls and runs["numba", "fast"].threaded:
+        runs["numba", "fast-own-threads"] = numpy_runner(setup, batches, backend="numba", own_blas_threads=True)
     if "torch" in impls:
         runs["torch", "eager"] = torch_runner(setup, batches)
     return runs
@@ -472,6 +486,7 @@ LABELS = {("blas", "limit"): "limit: NumPy BLAS, 11 products", ("jax", "xla-dot"
           ("jax", "scan"): "JAX, epoch in lax.scan", ("jax", "jit-step"): "JAX, jitted step per call",
           ("numpy", "fast"): "NumPy FastTrainer", ("numba", "fast"): "numba FastTrainer",
           ("numpy", "reference"): "NumPy reference Trainer", ("numba", "reference"): "numba reference Trainer",
+          ("numba", "fast-own-threads"): "numba FastTrainer, OpenBLAS's own threads",
           ("torch", "eager"): "PyTorch eager"}
 
 
@@ -526,6 +541,7 @@ def plot(rows: list[dict], path: Path) -> None:
               ("numpy", "fast"): dict(color="#2ca02c", marker="^"), ("numba", "fast"): dict(color="#ff7f0e", marker="D"),
               ("numpy", "reference"): dict(color="#98df8a", marker="v", linestyle="-."),
               ("numba", "reference"): dict(color="#ffbb78", marker="d", linestyle="-."),
+              ("numba", "fast-own-threads"): dict(color="#ff7f0e", marker="D", linestyle=":", alpha=0.6),
               ("torch", "eager"): dict(color="#d62728", marker="x")}
     for ax, dtype in zip(axes[0], dtypes):
         step_rows = [r for r in rows if r["dtype"] == dtype and r["mode"] != "epoch"]
