@@ -28,16 +28,23 @@ bit-identical losses, parameters and running statistics, see ``tests/test_fast.p
 * with ``backend="numpy"`` the same buffers are filled by NumPy ufuncs with ``out=``, in the
   operation order of the reference NumPy backend.
 
-Where the time goes (batch 128, float32, this 2-vCPU machine, quiet; per step, each part timed in
-a numba loop on the trainer's own buffers): the 11 BLAS products ~295 us (the same products back
-to back, the "limit" of ``compare/bench.py``: 290-300 us), gathering the batch's 128 random
-image rows ~27 us (400 KB from memory at the ~15 GB/s one core draws: a contiguous copy of the
-same size takes as long), batch norm + sigmoid forward ~19 us for the three layers (its ``exp``
-~3 us per layer of it), the backward kernels ~12 us, softmax + cross-entropy ~5 us, SGD over the
-99 k parameters ~9 us; 360-380 us in all, 77-81 % of the limit. In some minutes the host makes
-cross-core traffic expensive (the other vCPU's half of every product's output, and of its
-inputs, crosses cores): then the same step takes 570-640 us while the products alone take only
-~15 % longer.
+Where the time goes (batch 128, float32, this 2-vCPU machine, in its fast minutes; per step, each
+part timed alone in a numba loop on the trainer's own buffers, one thread): the 11 BLAS products
+~295 us (the same products back to back, the "limit" of ``compare/bench.py``: 290-300 us),
+gathering the batch's 128 random image rows ~27 us (400 KB from memory at the ~15 GB/s one core
+draws: a contiguous copy of the same size takes as long), batch norm + sigmoid forward ~19 us for
+the three layers (its ``exp`` ~3 us per layer of it), the backward kernels ~12 us, softmax +
+cross-entropy ~5 us, SGD over the 99 k parameters ~9 us. With OpenBLAS on its own threads and the
+kernels on one, a step took 360-380 us (77-81 % of the limit) in fast minutes. In slow minutes
+(the host makes the two vCPUs' traffic expensive) the products alone take about as long, but the
+step takes 600-650 us, and 1,000-1,300 us in the slowest; there the threaded epoch (the kernels
+split in two, BLAS's jobs on the same threads) took 0.79-0.87 of that time, on every batch size
+and in float64 too (``compare.bench`` mode ``fast-own-threads`` shows both in one run). No fast
+minute came while the threaded epoch was measured. In the slowest minutes the readable
+:class:`numpyside.train.Trainer` was faster than both (~700 us against ~1,040 us, same code
+path for BLAS): a step with fewer and shorter synchronisations between the two vCPUs loses less
+when they barely run at the same time; JAX, whose XLA runs these products on one core with
+AVX-512, loses least.
 
 Tried and measured, not kept: software prefetching of the next batch's rows during the backward
 kernels (slower: 570-590 us against 373-379 us per step), numba threads next to OpenBLAS's own
