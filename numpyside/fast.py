@@ -42,9 +42,10 @@ split in two, BLAS's jobs on the same threads) took 0.79-0.87 of that time, on e
 and in float64 too (``compare.bench`` mode ``fast-own-threads`` shows both in one run). No fast
 minute came while the threaded epoch was measured. In the slowest minutes the readable
 :class:`numpyside.train.Trainer` was faster than both (~700 us against ~1,040 us, same code
-path for BLAS): a step with fewer and shorter synchronisations between the two vCPUs loses less
-when they barely run at the same time; JAX, whose XLA runs these products on one core with
-AVX-512, loses least.
+path for BLAS; why was not established: fresh buffers per step and NumPy's gather did not
+change the fast trainer's time, NumPy's SGD instead of the fused one saved ~45 us of the
+~140 us gap); JAX, whose XLA runs these products on one core with AVX-512 (a 128 x 784 x 100
+product: 106 us pinned to one CPU, 126 us with two), loses least.
 
 Tried and measured, not kept: software prefetching of the next batch's rows during the backward
 kernels (slower: 570-590 us against 373-379 us per step), numba threads next to OpenBLAS's own
