@@ -71,6 +71,7 @@ from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
 from numpyside import blas, fused, threads
 from numpyside.model import DEFAULT_BACKEND, _check_backend, forward
+from numpyside.train import Trainer
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.
 _ALIGN_BYTES = 64
@@ -220,16 +221,13 @@ class FastTrainer:
         """Eval-mode class predictions for ``images`` (the reference forward pass; with
         ``self.threaded`` its products, too, run on numba's threads, so that OpenBLAS's own
         threads stay asleep and do not compete with them at the next epoch)."""
-        images = np.asarray(images, self.dtype)
+        images = contract.check_images(images, self.dtype)
         with threads.blas_on_numba_threads() if self.threaded else contextlib.nullcontext():
             logits = forward(self.params, self.state, images, train=False, backend=self.backend)[0]
         return np.argmax(logits, axis=-1)
 
-    def params_numpy(self):
-        return [{k: v.copy() for k, v in layer.items()} for layer in self.params]
-
-    def state_numpy(self):
-        return [{k: v.copy() for k, v in layer.items()} for layer in self.state]
+    params_numpy = Trainer.params_numpy  # copies of self.params / self.state, as the reference's
+    state_numpy = Trainer.state_numpy
 
     # ----------------------------------------------------------------------------------------
     # internals

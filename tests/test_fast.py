@@ -239,3 +239,9 @@ def test_blas_on_numba_threads_gives_the_same_products(dtype):
     np.testing.assert_array_equal(on_numba_threads, native)
     np.testing.assert_array_equal(transposed, x.T @ native)
     np.testing.assert_array_equal(x @ w, native)
+
+
+def test_predict_refuses_bad_images(data):
+    _, fast = make_pair(data, "float32", True, "numba")
+    with pytest.raises(InputError, match="784"):
+        fast.predict(np.zeros((3, 783), np.float32))
