@@ -30,7 +30,6 @@ import numba
 import numpy as np
 
 from numpyside import blas, kernels
-from numpyside.fastexp import exp_nonpositive
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
@@ -109,10 +108,7 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
         for j in range(lo, hi):
             h = (z[i, j] - mean[j]) * inv_std[j]
             x_hat[i, j] = h
-            out = gamma[j] * h + beta[j]
-            e = exp_nonpositive(-abs(out))
-            numerator = one if out >= 0 else e
-            s[i, j] = numerator / (one + e)
+            s[i, j] = kernels.logistic(gamma[j] * h + beta[j], one)
 
 
 @_jit
@@ -122,10 +118,7 @@ def bias_sigmoid_forward(z, bias, s, lo, hi):
     one = z.dtype.type(1)
     for i in range(n_rows):
         for j in range(lo, hi):
-            out = z[i, j] + bias[j]
-            e = exp_nonpositive(-abs(out))
-            numerator = one if out >= 0 else e
-            s[i, j] = numerator / (one + e)
+            s[i, j] = kernels.logistic(z[i, j] + bias[j], one)
 
 
 @_jit

@@ -167,6 +167,16 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps):
 
 
 @_jit
+def logistic(x, one):
+    """The stable logistic of one value: ``e = exp(-|x|)``, ``1 / (1 + e)`` if ``x >= 0`` else
+    ``e / (1 + e)``; ``one`` is 1 in ``x``'s dtype. Shared by :func:`sigmoid` and the fused kernels
+    of :mod:`numpyside.fused`, so that every numba sigmoid rounds the same way."""
+    e = exp_nonpositive(-abs(x))
+    numerator = one if x >= 0 else e
+    return numerator / (one + e)
+
+
+@_jit
 def sigmoid(x):
     """The stable logistic of a flat (1-D) array, one vectorised pass: ``e = exp(-|x|)``, then
     ``s = 1 / (1 + e)`` where ``x >= 0`` and ``s = e / (1 + e)`` where ``x < 0``.
@@ -180,10 +190,7 @@ def sigmoid(x):
     one = x.dtype.type(1)
     out = np.empty_like(x)
     for k in range(x.shape[0]):
-        xk = x[k]
-        e = exp_nonpositive(-abs(xk))
-        numerator = one if xk >= 0 else e
-        out[k] = numerator / (one + e)
+        out[k] = logistic(x[k], one)
     return out
 
 
