@@ -83,28 +83,25 @@ def callback_address() -> int:
     return _callback_cfunc.address
 
 
-def _setter():
+def _openblas_function(name: str, argtypes, restype):
+    """NumPy's OpenBLAS's ``name`` (ILP64 symbol with the ``64_`` suffix, else the plain one), or
+    None if the library or the function is not there."""
     if blas.LIBRARY is None:
         return None
-    for name in (f"{blas.PREFIX}openblas_set_threads_callback_function64_",
-                 f"{blas.PREFIX}openblas_set_threads_callback_function"):
-        setter = getattr(blas.LIBRARY, name, None)
-        if setter is not None:
-            setter.argtypes, setter.restype = [ctypes.c_void_p], None
-            return setter
+    for symbol in (f"{blas.PREFIX}{name}64_", f"{blas.PREFIX}{name}"):
+        function = getattr(blas.LIBRARY, symbol, None)
+        if function is not None:
+            function.argtypes, function.restype = argtypes, restype
+            return function
     return None
 
 
 def _openblas_threads() -> int:
-    for name in (f"{blas.PREFIX}openblas_get_num_threads64_", f"{blas.PREFIX}openblas_get_num_threads"):
-        getter = getattr(blas.LIBRARY, name, None) if blas.LIBRARY is not None else None
-        if getter is not None:
-            getter.restype = ctypes.c_int
-            return int(getter())
-    return 1
+    getter = _openblas_function("openblas_get_num_threads", [], ctypes.c_int)
+    return int(getter()) if getter is not None else 1
 
 
-_SET_CALLBACK = _setter()
+_SET_CALLBACK = _openblas_function("openblas_set_threads_callback_function", [ctypes.c_void_p], None)
 _reason: str | None = None
 
 
