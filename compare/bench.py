@@ -278,12 +278,7 @@ def numpy_runner(setup: Setup, batches: np.ndarray, *, backend: str, reference: 
         trainer.threaded = False
     trainer.compile(*batches.shape)
     rates = np.full(len(batches), BENCH_LR)
-
-    def run():
-        trainer.epoch(batches, rates)
-
-    run.threaded = getattr(trainer, "threaded", False)
-    return run
+    return lambda: trainer.epoch(batches, rates)
 
 
 def jax_scan_runner(setup: Setup, batches: np.ndarray):
@@ -405,6 +400,8 @@ def row(impl, mode, dtype, batch_size, timing: Timing, limit: float, **extra) ->
 
 def step_runners(setup: Setup, batches: np.ndarray, impls, *, reference: bool) -> dict:
     """``(impl, mode) -> run`` for every implementation at this batch size (compiled, warm)."""
+    from numpyside import threads
+
     batch_size, steps = batches.shape[1], len(batches)
     runs = {("blas", "limit"): blas_runner(batch_size, setup.dtype, steps)}
     if "jax" in impls:
@@ -416,7 +413,7 @@ def step_runners(setup: Setup, batches: np.ndarray, impls, *, reference: bool) -
             runs[backend, "fast"] = numpy_runner(setup, batches, backend=backend)
             if reference:
                 runs[backend, "reference"] = numpy_runner(setup, batches, backend=backend, reference=True)
-    if reference and "numba" in impls and runs["numba", "fast"].threaded:
+    if reference and "numba" in impls and threads.available():  # else "fast" already is that
         runs["numba", "fast-own-threads"] = numpy_runner(setup, batches, backend="numba", own_blas_threads=True)
     if "torch" in impls:
         runs["torch", "eager"] = torch_runner(setup, batches)
