@@ -99,7 +99,9 @@ class CpuLoad:
         wall = time.perf_counter() - self._wall
         busy = self._machine_busy()
         own = sum(os.times()[:2]) - self._own
-        self.other = 0.0 if busy is None or self._busy is None else max(0.0, (busy - self._busy) - own) / max(wall, 1e-9)
+        self.other = (
+            0.0 if busy is None or self._busy is None else max(0.0, (busy - self._busy) - own) / max(wall, 1e-9)
+        )
         return False
 
 
@@ -113,8 +115,9 @@ class Timing:
     fraction_of_limit: float = float("nan")  # median over the rounds of t(limit) / t(this), same round
 
 
-def measure_interleaved(runs: dict, steps: int, repeats: int, limit_key=None, warmup: int = 1,
-                        settle: int = 1) -> dict[str, Timing]:
+def measure_interleaved(
+    runs: dict, steps: int, repeats: int, limit_key=None, warmup: int = 1, settle: int = 1
+) -> dict[str, Timing]:
     """Median per-step times of several ``run()`` callables (each performs ``steps`` steps),
     timed round-robin: ``repeats`` rounds, each timing every callable once, right after
     ``settle`` untimed calls of the same callable.
@@ -145,8 +148,11 @@ def measure_interleaved(runs: dict, steps: int, repeats: int, limit_key=None, wa
     out = {}
     for key, values in times.items():
         median = float(np.median(values))
-        ratio = (float(np.median([t_limit / t for t_limit, t in zip(times[limit_key], values)]))
-                 if limit_key is not None else float("nan"))
+        ratio = (
+            float(np.median([t_limit / t for t_limit, t in zip(times[limit_key], values)]))
+            if limit_key is not None
+            else float("nan")
+        )
         out[key] = Timing(median, (max(values) - min(values)) / median, repeats, steps, max(others[key]), ratio)
     return out
 
@@ -214,8 +220,10 @@ def xla_products(batch_size: int, dtype: str, steps: int, images: np.ndarray, se
 
     rng = np.random.default_rng(seed)
     sizes = contract.LAYER_SIZES
-    weights = [jnp.asarray((rng.standard_normal((sizes[i], sizes[i + 1])) / np.sqrt(sizes[i])).astype(dtype))
-               for i in range(len(sizes) - 1)]
+    weights = [
+        jnp.asarray((rng.standard_normal((sizes[i], sizes[i + 1])) / np.sqrt(sizes[i])).astype(dtype))
+        for i in range(len(sizes) - 1)
+    ]
     data = jnp.asarray(images)
     indices = jnp.asarray(rng.integers(0, len(images), (steps, batch_size)), jnp.int32)
 
@@ -264,8 +272,9 @@ class Setup:
     momentum: float = training.DEFAULT_MOMENTUM
 
 
-def numpy_runner(setup: Setup, batches: np.ndarray, *, backend: str, reference: bool = False,
-                 own_blas_threads: bool = False):
+def numpy_runner(
+    setup: Setup, batches: np.ndarray, *, backend: str, reference: bool = False, own_blas_threads: bool = False
+):
     """The NumPy side's trainer on ``batches``; ``own_blas_threads``: the numba FastTrainer with
     OpenBLAS on its own threads and the kernels on one (not on numba's threads, see
     :mod:`numpyside.threads`), to show what sharing one pool of threads gains."""
@@ -290,7 +299,7 @@ def jax_scan_runner(setup: Setup, batches: np.ndarray):
     return lambda: trainer.epoch(batches, rates)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jax_step():
     import jax
 
@@ -300,7 +309,8 @@ def _jax_step():
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step(params, velocity, state, images, labels, indices, lr, momentum):
         (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-            params, state, images[indices], labels[indices])
+            params, state, images[indices], labels[indices]
+        )
         params, velocity = sgd_momentum(params, velocity, grads, lr, momentum)
         return params, velocity, state, loss
 
@@ -389,11 +399,18 @@ def torch_available() -> tuple[bool, str]:
 def row(impl, mode, dtype, batch_size, timing: Timing, limit: float, **extra) -> dict:
     samples_per_s = batch_size / timing.seconds_per_step
     return {
-        "impl": impl, "dtype": dtype, "batch_size": int(batch_size),
-        "samples_per_s": samples_per_s, "limit_samples_per_s": limit,
-        "mode": mode, "fraction_of_limit": timing.fraction_of_limit,
-        "ms_per_step": 1e3 * timing.seconds_per_step, "spread": timing.spread,
-        "repeats": timing.repeats, "steps_per_repeat": timing.steps, "other_cpu": timing.other_cpu,
+        "impl": impl,
+        "dtype": dtype,
+        "batch_size": int(batch_size),
+        "samples_per_s": samples_per_s,
+        "limit_samples_per_s": limit,
+        "mode": mode,
+        "fraction_of_limit": timing.fraction_of_limit,
+        "ms_per_step": 1e3 * timing.seconds_per_step,
+        "spread": timing.spread,
+        "repeats": timing.repeats,
+        "steps_per_repeat": timing.steps,
+        "other_cpu": timing.other_cpu,
         **extra,
     }
 
@@ -432,8 +449,10 @@ def bench_steps(setup: Setup, batch_size: int, size: str, impls, rng, log, *, re
     rows = []
     for (impl, mode), timing in timings.items():
         rows.append(row(impl, mode, dtype, batch_size, timing, limit, limit_gflops=gflops))
-        log(f"{dtype} B={batch_size:<5} {impl:>6} {mode:<10} {rows[-1]['samples_per_s']:>12,.0f} samples/s  "
-            f"{rows[-1]['fraction_of_limit']:6.1%} of the limit")
+        log(
+            f"{dtype} B={batch_size:<5} {impl:>6} {mode:<10} {rows[-1]['samples_per_s']:>12,.0f} samples/s  "
+            f"{rows[-1]['fraction_of_limit']:6.1%} of the limit"
+        )
     return rows
 
 
@@ -443,33 +462,53 @@ def bench_epoch(setup: Setup, impls, rng, repeats: int, log) -> list[dict]:
     batch_size = EPOCH_BATCH_SIZE
     batches = training.epoch_batches(len(setup.images), batch_size, rng)
     steps = len(batches)
-    makers = {"jax": lambda: jax_scan_runner(setup, batches),
-              "numpy": lambda: numpy_runner(setup, batches, backend="numpy"),
-              "numba": lambda: numpy_runner(setup, batches, backend="numba"),
-              "torch": lambda: torch_runner(setup, batches)}
+    makers = {
+        "jax": lambda: jax_scan_runner(setup, batches),
+        "numpy": lambda: numpy_runner(setup, batches, backend="numpy"),
+        "numba": lambda: numpy_runner(setup, batches, backend="numba"),
+        "torch": lambda: torch_runner(setup, batches),
+    }
     runs = {"limit": blas_runner(batch_size, setup.dtype, steps)}
     runs.update({impl: makers[impl]() for impl in IMPLS if impl in impls})
     timings = measure_interleaved(runs, steps, repeats, limit_key="limit", warmup=0, settle=1)
     limit = batch_size / timings.pop("limit").seconds_per_step
     rows = []
     for impl, timing in timings.items():
-        rows.append(row(impl, "epoch", setup.dtype, batch_size, timing, limit,
-                        epoch_seconds=timing.seconds_per_step * steps, epoch_samples=steps * batch_size))
-        log(f"{setup.dtype} epoch {impl:>6}: {rows[-1]['epoch_seconds']:.3f} s, "
-            f"{rows[-1]['samples_per_s']:,.0f} samples/s, {rows[-1]['fraction_of_limit']:.1%} of the limit")
+        rows.append(
+            row(
+                impl,
+                "epoch",
+                setup.dtype,
+                batch_size,
+                timing,
+                limit,
+                epoch_seconds=timing.seconds_per_step * steps,
+                epoch_samples=steps * batch_size,
+            )
+        )
+        log(
+            f"{setup.dtype} epoch {impl:>6}: {rows[-1]['epoch_seconds']:.3f} s, "
+            f"{rows[-1]['samples_per_s']:,.0f} samples/s, {rows[-1]['fraction_of_limit']:.1%} of the limit"
+        )
     return rows
 
 
 def environment() -> dict:
     from compare.report import machine, versions
 
-    env = {"machine": machine(), "versions": versions(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "XLA_", "NUMBA_"))}}
+    env = {
+        "machine": machine(),
+        "versions": versions(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "XLA_", "NUMBA_"))},
+    }
     try:
         import threadpoolctl
 
-        env["blas"] = [{k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-                       for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+        env["blas"] = [
+            {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+            for info in threadpoolctl.threadpool_info()
+            if info.get("user_api") == "blas"
+        ]
     except ImportError:
         pass
     return env
@@ -479,12 +518,18 @@ def environment() -> dict:
 # output
 # ------------------------------------------------------------------------------------------------
 
-LABELS = {("blas", "limit"): "limit: NumPy BLAS, 11 products", ("jax", "xla-dot"): "XLA dot, 11 products",
-          ("jax", "scan"): "JAX, epoch in lax.scan", ("jax", "jit-step"): "JAX, jitted step per call",
-          ("numpy", "fast"): "NumPy FastTrainer", ("numba", "fast"): "numba FastTrainer",
-          ("numpy", "reference"): "NumPy reference Trainer", ("numba", "reference"): "numba reference Trainer",
-          ("numba", "fast-own-threads"): "numba FastTrainer, OpenBLAS's own threads",
-          ("torch", "eager"): "PyTorch eager"}
+LABELS = {
+    ("blas", "limit"): "limit: NumPy BLAS, 11 products",
+    ("jax", "xla-dot"): "XLA dot, 11 products",
+    ("jax", "scan"): "JAX, epoch in lax.scan",
+    ("jax", "jit-step"): "JAX, jitted step per call",
+    ("numpy", "fast"): "NumPy FastTrainer",
+    ("numba", "fast"): "numba FastTrainer",
+    ("numpy", "reference"): "NumPy reference Trainer",
+    ("numba", "reference"): "numba reference Trainer",
+    ("numba", "fast-own-threads"): "numba FastTrainer, OpenBLAS's own threads",
+    ("torch", "eager"): "PyTorch eager",
+}
 
 
 def tables(rows: list[dict]):
@@ -494,7 +539,9 @@ def tables(rows: list[dict]):
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         step_rows = [r for r in rows if r["dtype"] == dtype and r["mode"] != "epoch"]
         sizes = sorted({r["batch_size"] for r in step_rows})
-        table = Table(title=f"{dtype}: samples/s of a training step (share of the BLAS limit; * = other processes busy)")
+        table = Table(
+            title=f"{dtype}: samples/s of a training step (share of the BLAS limit; * = other processes busy)"
+        )
         table.add_column("implementation", no_wrap=True)
         for b in sizes:
             table.add_column(f"B={b}", justify="right")
@@ -507,19 +554,28 @@ def tables(rows: list[dict]):
                     continue
                 r = match[0]
                 busy = "[red]*[/]" if r["other_cpu"] > BUSY_THRESHOLD else ""
-                extra = f" {r['limit_gflops']:.0f} GF/s" if key == ("blas", "limit") else f" ({r['fraction_of_limit']:.0%})"
+                extra = (
+                    f" {r['limit_gflops']:.0f} GF/s" if key == ("blas", "limit") else f" ({r['fraction_of_limit']:.0%})"
+                )
                 cells.append(f"{r['samples_per_s'] / 1e3:,.0f}k{extra}{busy}")
             table.add_row(LABELS.get(key, f"{key[0]} {key[1]}"), *cells)
         out.append(table)
     epoch_rows = [r for r in rows if r["mode"] == "epoch"]
     if epoch_rows:
-        table = Table(title=f"A whole MNIST epoch ({epoch_rows[0]['epoch_samples']:,} images, batch {EPOCH_BATCH_SIZE})")
+        table = Table(
+            title=f"A whole MNIST epoch ({epoch_rows[0]['epoch_samples']:,} images, batch {EPOCH_BATCH_SIZE})"
+        )
         for name in ("implementation", "dtype", "seconds", "samples/s", "share of limit"):
             table.add_column(name, justify="left" if name == "implementation" else "right")
         for r in epoch_rows:
             busy = "[red]*[/]" if r["other_cpu"] > BUSY_THRESHOLD else ""
-            table.add_row(r["impl"], r["dtype"], f"{r['epoch_seconds']:.3f}", f"{r['samples_per_s']:,.0f}{busy}",
-                          f"{r['fraction_of_limit']:.0%}")
+            table.add_row(
+                r["impl"],
+                r["dtype"],
+                f"{r['epoch_seconds']:.3f}",
+                f"{r['samples_per_s']:,.0f}{busy}",
+                f"{r['fraction_of_limit']:.0%}",
+            )
         out.append(table)
     return out
 
@@ -532,20 +588,29 @@ def plot(rows: list[dict], path: Path) -> None:
 
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows if r["mode"] != "epoch"))
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.6), squeeze=False)
-    styles = {("blas", "limit"): dict(color="black", linestyle="--", marker=""),
-              ("jax", "xla-dot"): dict(color="#1f77b4", linestyle=":", marker=""),
-              ("jax", "scan"): dict(color="#1f77b4", marker="o"), ("jax", "jit-step"): dict(color="#aec7e8", marker="s"),
-              ("numpy", "fast"): dict(color="#2ca02c", marker="^"), ("numba", "fast"): dict(color="#ff7f0e", marker="D"),
-              ("numpy", "reference"): dict(color="#98df8a", marker="v", linestyle="-."),
-              ("numba", "reference"): dict(color="#ffbb78", marker="d", linestyle="-."),
-              ("numba", "fast-own-threads"): dict(color="#ff7f0e", marker="D", linestyle=":", alpha=0.6),
-              ("torch", "eager"): dict(color="#d62728", marker="x")}
+    styles = {
+        ("blas", "limit"): dict(color="black", linestyle="--", marker=""),
+        ("jax", "xla-dot"): dict(color="#1f77b4", linestyle=":", marker=""),
+        ("jax", "scan"): dict(color="#1f77b4", marker="o"),
+        ("jax", "jit-step"): dict(color="#aec7e8", marker="s"),
+        ("numpy", "fast"): dict(color="#2ca02c", marker="^"),
+        ("numba", "fast"): dict(color="#ff7f0e", marker="D"),
+        ("numpy", "reference"): dict(color="#98df8a", marker="v", linestyle="-."),
+        ("numba", "reference"): dict(color="#ffbb78", marker="d", linestyle="-."),
+        ("numba", "fast-own-threads"): dict(color="#ff7f0e", marker="D", linestyle=":", alpha=0.6),
+        ("torch", "eager"): dict(color="#d62728", marker="x"),
+    }
     for ax, dtype in zip(axes[0], dtypes):
         step_rows = [r for r in rows if r["dtype"] == dtype and r["mode"] != "epoch"]
         for key in dict.fromkeys((r["impl"], r["mode"]) for r in step_rows):
             series = sorted((r["batch_size"], r["samples_per_s"]) for r in step_rows if (r["impl"], r["mode"]) == key)
-            ax.plot(*zip(*series), label=LABELS.get(key, f"{key[0]} {key[1]}"), linewidth=1.8, markersize=6,
-                    **styles.get(key, {}))
+            ax.plot(
+                *zip(*series),
+                label=LABELS.get(key, f"{key[0]} {key[1]}"),
+                linewidth=1.8,
+                markersize=6,
+                **styles.get(key, {}),
+            )
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples / s", title=f"training step, {dtype}")
         sizes = sorted({r["batch_size"] for r in step_rows})
         ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -558,8 +623,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmap-bn-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run: float32, batch sizes 128 and 512, 3 short repeats, no reference trainers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: float32, batch sizes 128 and 512, 3 short repeats, no reference trainers",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.json and bench.png go")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help=f"default {list(BATCH_SIZES)}")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help=f"default {list(DTYPES)}")
@@ -593,14 +661,20 @@ def main(argv=None) -> int:
         if not ok:
             impls.remove("torch")
     if "jax" in impls:
-        import jaxside  # noqa: F401  (switches on 64-bit floats, as the JAX side needs for float64)
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
     env = environment()
     console.rule("[bold]vmap-batchnorm benchmark: one training step, samples/s")
-    console.print(f"  {env['machine']['cpu']}, {env['machine']['cores']} cores; "
-                  + ", ".join(f"{k}={v}" for k, v in env["env"].items()))
+    console.print(
+        f"  {env['machine']['cpu']}, {env['machine']['cores']} cores; "
+        + ", ".join(f"{k}={v}" for k, v in env["env"].items())
+    )
     for info in env.get("blas", []):
-        console.print(f"  BLAS: {info['internal_api']} {info['version']}, {info['num_threads']} threads, "
-                      f"{info['architecture']} kernels")
+        console.print(
+            f"  BLAS: {info['internal_api']} {info['version']}, {info['num_threads']} threads, "
+            f"{info['architecture']} kernels"
+        )
     for note in notes:
         console.print(f"  {note}")
 
@@ -608,8 +682,13 @@ def main(argv=None) -> int:
     rows = []
     log = console.print
     for dtype in dtypes:
-        setup = Setup(dtype, train_x.astype(dtype), train_y,  # a writable copy, as compare/run.py uses
-                      init_params(args.seed, dtype), init_state(dtype))
+        setup = Setup(
+            dtype,
+            train_x.astype(dtype),
+            train_y,  # a writable copy, as compare/run.py uses
+            init_params(args.seed, dtype),
+            init_state(dtype),
+        )
         rng = training.batch_rng(args.seed)
         for batch_size in batch_sizes:
             rows += bench_steps(setup, batch_size, size, impls, rng, log, reference=not args.quick)
@@ -620,8 +699,10 @@ def main(argv=None) -> int:
         console.print(table)
     busy = [r for r in rows if r["other_cpu"] > BUSY_THRESHOLD]
     if busy:
-        console.print(f"[yellow]note[/]: {len(busy)} rows were timed while other processes used more than "
-                      f"{BUSY_THRESHOLD} cores (marked *): re-run on a quiet machine for this machine's speed")
+        console.print(
+            f"[yellow]note[/]: {len(busy)} rows were timed while other processes used more than "
+            f"{BUSY_THRESHOLD} cores (marked *): re-run on a quiet machine for this machine's speed"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     # bench.json: the implementations' rows (the limit is in every row's limit_samples_per_s)
     (args.out / "bench.json").write_text(json.dumps([r for r in rows if r["impl"] in IMPLS], indent=1) + "\n")

@@ -21,7 +21,8 @@ is refused with an :class:`InputError` that names the problem, never silently co
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compare.contract import InputError, SUPPORTED_DTYPES, param_shapes, state_shapes
+from compare.contract import SUPPORTED_DTYPES, InputError, param_shapes, state_shapes
 
 
 def _resolve_dtype(dtype) -> np.dtype:
@@ -42,7 +42,12 @@ def init_params(seed: int, dtype=np.float32, batch_norm: bool = True) -> list[di
     return params
 
 
-def init_state(dtype=np.float32) -> list[dict[str, np.ndarray]]:
-    """Running statistics before any training: means 0, variances 1 (as PyTorch's BatchNorm1d)."""
+def init_state(dtype=np.float32, batch_norm: bool = True) -> list[dict[str, np.ndarray]]:
+    """Running statistics before any training: means 0, variances 1 (as PyTorch's BatchNorm1d).
+
+    With ``batch_norm=False`` there are no running statistics: ``[]``, as the contract has it.
+    """
     dtype = _resolve_dtype(dtype)
+    if not batch_norm:
+        return []
     return [{"mean": np.zeros(s["mean"], dtype), "var": np.ones(s["var"], dtype)} for s in state_shapes()]

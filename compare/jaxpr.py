@@ -25,8 +25,9 @@ import argparse
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):  # run as `python compare/jaxpr.py`: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -38,7 +39,6 @@ import numpy as np
 from rich.console import Console
 from rich.text import Text
 
-import jaxside  # noqa: F401  (switches on 64-bit floats, so float64 traces as float64)
 from compare.contract import BN_EPS
 from jaxside.layers import BATCH_AXIS, batchnorm_train
 
@@ -251,9 +251,7 @@ def _batch_match(batch: int) -> Callable:
     return match
 
 
-def find_collectives(
-    jaxpr, axis_name: str = BATCH_AXIS, cotangent_inputs: Sequence[int] = (-1,)
-) -> list[Collective]:
+def find_collectives(jaxpr, axis_name: str = BATCH_AXIS, cotangent_inputs: Sequence[int] = (-1,)) -> list[Collective]:
     """Every equation (nested ones included) whose ``axes``/``axis_name`` names ``axis_name``.
 
     ``psum``, ``pmax``, ``all_gather``, ``psum_invariant``, ``pvary``, ... are all recognised by
@@ -436,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--show-vmapped", action="store_true", help="also print the jaxpr of the vmapped (batched) gradient"
     )
     args = parser.parse_args(list(argv) if argv is not None else None)
+    jax.config.update("jax_enable_x64", True)  # so that float64 traces as float64
     if args.features < 1 or args.batch < 2:
         parser.error("--features must be >= 1 and --batch >= 2")
     coupled = not args.decoupled

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MnistError", "FILES", "MIRRORS", "read_idx", "find_mnist_dir", "download_mnist", "load_mnist"]
+__all__ = ["FILES", "MIRRORS", "MnistError", "download_mnist", "find_mnist_dir", "load_mnist", "read_idx"]
 
 
 class MnistError(RuntimeError):
@@ -96,8 +96,9 @@ def read_idx(path, expected_sha256: str | None = None) -> np.ndarray:
     if zero0 != 0 or zero1 != 0:
         raise MnistError(f"{path}: bad IDX magic: first two bytes are {raw[:2].hex()}, expected 0000")
     if code not in _IDX_DTYPES:
-        raise MnistError(f"{path}: unknown IDX dtype code 0x{code:02X} (known: "
-                         + ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES) + ")")
+        raise MnistError(
+            f"{path}: unknown IDX dtype code 0x{code:02X} (known: " + ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES) + ")"
+        )
     if not 1 <= ndim <= 4:
         raise MnistError(f"{path}: unsupported IDX number of dimensions {ndim} (expected 1..4)")
     header_len = 4 + 4 * ndim
@@ -109,8 +110,10 @@ def read_idx(path, expected_sha256: str | None = None) -> np.ndarray:
     actual_bytes = len(raw) - header_len
     if actual_bytes != expected_bytes:
         problem = "truncated data" if actual_bytes < expected_bytes else "trailing bytes after data"
-        raise MnistError(f"{path}: {problem}: header says shape {dims} of {dtype.name}, i.e. "
-                         f"{expected_bytes} data bytes, but the file holds {actual_bytes}")
+        raise MnistError(
+            f"{path}: {problem}: header says shape {dims} of {dtype.name}, i.e. "
+            f"{expected_bytes} data bytes, but the file holds {actual_bytes}"
+        )
     data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
     return data.astype(dtype.newbyteorder("="))
 
@@ -186,8 +189,10 @@ def find_mnist_dir(data_dir=None) -> tuple[Path, str]:
         if missing:
             what = "data_dir argument" if label == "argument" else "environment variable MNIST_DIR"
             state = "does not exist" if not directory.is_dir() else "lacks " + ", ".join(missing)
-            raise MnistError(f"MNIST directory {directory} (from the {what}) {state}; "
-                             f"it must contain: {', '.join(n for n, _ in FILES.values())}")
+            raise MnistError(
+                f"MNIST directory {directory} (from the {what}) {state}; "
+                f"it must contain: {', '.join(n for n, _ in FILES.values())}"
+            )
         return directory, label
     searched = []
     for label, directory in (("vendored copy", Path(VENDORED_DIR)), ("user cache", user_cache_dir())):
@@ -201,7 +206,8 @@ def find_mnist_dir(data_dir=None) -> tuple[Path, str]:
     except (MnistError, OSError) as exc:
         raise MnistError(
             "MNIST not found and the download failed.\n"
-            "No complete copy in (MNIST_DIR is not set, no data_dir given):\n" + "\n".join(searched)
+            "No complete copy in (MNIST_DIR is not set, no data_dir given):\n"
+            + "\n".join(searched)
             + f"\nDownload into {cache} failed: {exc}\n"
             "Fix: set MNIST_DIR=/dir/with/the/four/files or call load_mnist(data_dir=...)."
         ) from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 JAX_STYLE = dict(color="#1f77b4", linewidth=2.5, marker="o", markersize=7, alpha=0.8)
 NUMPY_STYLE = dict(color="#ff7f0e", linewidth=1.5, linestyle="--", marker="x", markersize=8)

@@ -74,24 +74,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=positive_int, default=training.DEFAULT_EPOCHS)
     parser.add_argument("--batch-size", type=positive_int, default=training.DEFAULT_BATCH_SIZE)
-    parser.add_argument("--lr", type=positive_float, default=training.DEFAULT_LR,
-                        help="peak learning rate of the cosine schedule (default %(default)s)")
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=training.DEFAULT_LR,
+        help="peak learning rate of the cosine schedule (default %(default)s)",
+    )
     parser.add_argument("--momentum", type=momentum_value, default=training.DEFAULT_MOMENTUM)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
-    parser.add_argument("--backend", choices=["numpy", "numba"], default="numba",
-                        help="kernels of the NumPy side (default %(default)s)")
-    parser.add_argument("--model", choices=["pmean", "equinox"], default="pmean",
-                        help="JAX side: our own per-example model with pmean, or Equinox's BatchNorm")
-    parser.add_argument("--reference-trainer", action="store_true",
-                        help="train the NumPy side with the readable numpyside.train.Trainer instead of the fast "
-                        "numpyside.fast.FastTrainer (same numbers, slower)")
+    parser.add_argument(
+        "--backend", choices=["numpy", "numba"], default="numba", help="kernels of the NumPy side (default %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        choices=["pmean", "equinox"],
+        default="pmean",
+        help="JAX side: our own per-example model with pmean, or Equinox's BatchNorm",
+    )
+    parser.add_argument(
+        "--reference-trainer",
+        action="store_true",
+        help="train the NumPy side with the readable numpyside.train.Trainer instead of the fast "
+        "numpyside.fast.FastTrainer (same numbers, slower)",
+    )
     parser.add_argument("--no-batch-norm", action="store_true", help="the same MLP without batch norm")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST IDX .gz files")
     parser.add_argument("--out", type=Path, default=Path("."), help="where report.json and output.png go")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_TRAIN} training and {QUICK_TEST} test images, {QUICK_EPOCHS} epochs unless "
-                        "--epochs is given: a first look in seconds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_TRAIN} training and {QUICK_TEST} test images, {QUICK_EPOCHS} epochs unless "
+        "--epochs is given: a first look in seconds",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -100,7 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every problem exits with status 2 before any work starts."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    epochs_given = any(a == "--epochs" or a.startswith("--epochs=") for a in (argv if argv is not None else sys.argv[1:]))
+    epochs_given = any(
+        a == "--epochs" or a.startswith("--epochs=") for a in (argv if argv is not None else sys.argv[1:])
+    )
     if args.quick and not epochs_given:
         args.epochs = QUICK_EPOCHS
     n_train = QUICK_TRAIN if args.quick else 60_000
@@ -121,32 +138,58 @@ def load_data(args, console: Console):
     train_x, train_y, test_x, test_y, source = load_mnist(args.data_dir, return_source=True)
     console.print(f"[bold]MNIST[/]: {source}")
     if args.quick:
-        train_x, train_y, test_x, test_y = train_x[:QUICK_TRAIN], train_y[:QUICK_TRAIN], test_x[:QUICK_TEST], test_y[:QUICK_TEST]
+        train_x, train_y, test_x, test_y = (
+            train_x[:QUICK_TRAIN],
+            train_y[:QUICK_TRAIN],
+            test_x[:QUICK_TEST],
+            test_y[:QUICK_TEST],
+        )
     dtype = np.dtype(args.dtype)
     return train_x.astype(dtype), train_y, test_x.astype(dtype), test_y
 
 
 def step0_table(rows, dtype: str) -> Table:
-    table = Table(title=f"Step 0: one batch through both sides ({dtype}); a = NumPy, b = JAX, "
-                        f"relative error = {RELATIVE_ERROR_FORMULA}")
-    for name, justify in (("quantity", "left"), ("max |b|", "right"), ("max abs err", "right"),
-                          ("max rel err", "right"), ("tol", "right"), ("ok", "center")):
+    table = Table(
+        title=f"Step 0: one batch through both sides ({dtype}); a = NumPy, b = JAX, "
+        f"relative error = {RELATIVE_ERROR_FORMULA}"
+    )
+    for name, justify in (
+        ("quantity", "left"),
+        ("max |b|", "right"),
+        ("max abs err", "right"),
+        ("max rel err", "right"),
+        ("tol", "right"),
+        ("ok", "center"),
+    ):
         table.add_column(name, justify=justify)
     for r in rows:
-        table.add_row(r.quantity, f"{r.max_abs:.3e}", f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}",
-                      f"{r.tol:.0e}", "[green]✓[/]" if r.ok else "[red]✗[/]")
+        table.add_row(
+            r.quantity,
+            f"{r.max_abs:.3e}",
+            f"{r.max_abs_err:.2e}",
+            f"{r.max_rel_err:.2e}",
+            f"{r.tol:.0e}",
+            "[green]✓[/]" if r.ok else "[red]✗[/]",
+        )
     return table
 
 
 def epoch_table(rows, titles) -> Table:
-    table = Table(title="Training trajectory: mean train loss, test accuracy, test predictions that differ, "
-                        "max |p_jax - p_numpy|")
+    table = Table(
+        title="Training trajectory: mean train loss, test accuracy, test predictions that differ, max |p_jax - p_numpy|"
+    )
     for name in ("epoch", "loss jax", "loss numpy", "acc jax", "acc numpy", "differ", "max drift"):
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(str(r["epoch"]), f"{r['train_loss']['jax']:.6f}", f"{r['train_loss']['numpy']:.6f}",
-                      f"{r['test_accuracy']['jax']:.2%}", f"{r['test_accuracy']['numpy']:.2%}",
-                      str(r["disagreements"]), f"{r['max_param_drift']:.2e}")
+        table.add_row(
+            str(r["epoch"]),
+            f"{r['train_loss']['jax']:.6f}",
+            f"{r['train_loss']['numpy']:.6f}",
+            f"{r['test_accuracy']['jax']:.2%}",
+            f"{r['test_accuracy']['numpy']:.2%}",
+            str(r["disagreements"]),
+            f"{r['max_param_drift']:.2e}",
+        )
     return table
 
 
@@ -168,26 +211,38 @@ def peak_rss_mb() -> float:
 
 
 def max_param_drift(params_a, params_b) -> float:
-    return max(float(np.max(np.abs(la[k].astype(np.float64) - lb[k].astype(np.float64))))
-               for la, lb in zip(params_a, params_b) for k in la)
+    return max(
+        float(np.max(np.abs(la[k].astype(np.float64) - lb[k].astype(np.float64))))
+        for la, lb in zip(params_a, params_b)
+        for k in la
+    )
 
 
 def train_both(args, sides, params, state, data, console: Console):
     """Both sides, epoch by epoch, on the same batches; returns the per-epoch rows and timings."""
     train_x, train_y, test_x, test_y = data
-    trainers = {key: side.make_trainer(params, state, train_x, train_y, momentum=args.momentum)
-                for key, side in sides.items()}
+    trainers = {
+        key: side.make_trainer(params, state, train_x, train_y, momentum=args.momentum) for key, side in sides.items()
+    }
     steps = len(train_x) // args.batch_size
     compile_seconds = {key: trainer.compile(steps, args.batch_size) for key, trainer in trainers.items()}
     schedule = training.LearningRateSchedule(args.lr, args.epochs * steps)
     rng = training.batch_rng(args.seed)
-    train_seconds = {key: 0.0 for key in sides}
+    train_seconds = dict.fromkeys(sides, 0.0)
     rows, rss_per_epoch = [], []
-    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-               TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+    columns = (
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("epochs"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
     with Progress(*columns, console=console, disable=args.no_progress) as progress:
-        tasks = {key: progress.add_task(sides[key].title.split(" (")[0] + f" ({key})", total=args.epochs, status="")
-                 for key in sides}
+        tasks = {
+            key: progress.add_task(sides[key].title.split(" (")[0] + f" ({key})", total=args.epochs, status="")
+            for key in sides
+        }
         for epoch in range(args.epochs):
             batches = training.epoch_batches(len(train_x), args.batch_size, rng)
             rates = schedule.for_epoch(epoch, steps)
@@ -199,23 +254,36 @@ def train_both(args, sides, params, state, data, console: Console):
                 predictions[key] = trainer.predict(test_x)
                 accuracy = float(np.mean(predictions[key] == test_y))
                 progress.update(tasks[key], advance=1, status=f"loss {losses[key]:.4f}  test acc {accuracy:.2%}")
-            rows.append({
-                "epoch": epoch + 1,
-                "train_loss": losses,
-                "test_accuracy": {key: float(np.mean(predictions[key] == test_y)) for key in sides},
-                "disagreements": int(np.sum(predictions["jax"] != predictions["numpy"])),
-                "max_param_drift": max_param_drift(trainers["jax"].params_numpy(), trainers["numpy"].params_numpy()),
-            })
+            rows.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": losses,
+                    "test_accuracy": {key: float(np.mean(predictions[key] == test_y)) for key in sides},
+                    "disagreements": int(np.sum(predictions["jax"] != predictions["numpy"])),
+                    "max_param_drift": max_param_drift(
+                        trainers["jax"].params_numpy(), trainers["numpy"].params_numpy()
+                    ),
+                }
+            )
             rss_per_epoch.append(round(rss_mb(), 1))
     samples = steps * args.batch_size * args.epochs
-    timings = {key: {"compile_s": compile_seconds[key], "train_s": train_seconds[key],
-                     "samples_per_s": samples / train_seconds[key]} for key in sides}
+    timings = {
+        key: {
+            "compile_s": compile_seconds[key],
+            "train_s": train_seconds[key],
+            "samples_per_s": samples / train_seconds[key],
+        }
+        for key in sides
+    }
     timings["rss_mb_per_epoch"] = rss_per_epoch  # resident memory after each epoch: flat = no growth
     return rows, timings
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
     console = Console()
     wall_start = time.perf_counter()
     from compare import report as report_module
@@ -228,15 +296,17 @@ def main(argv=None) -> int:
     console.rule("[bold]vmap-batchnorm: the per-example JAX model vs the handwritten NumPy model")
     for side in sides.values():
         console.print(f"  [bold]{side.key:>5}[/]: {side.title}")
-    console.print(f"  dtype {args.dtype}, seed {args.seed}, batch {args.batch_size}, {args.epochs} epochs, "
-                  f"lr {args.lr} (cosine), momentum {args.momentum}, batch norm {'on' if batch_norm else 'off'}")
+    console.print(
+        f"  dtype {args.dtype}, seed {args.seed}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"lr {args.lr} (cosine), momentum {args.momentum}, batch norm {'on' if batch_norm else 'off'}"
+    )
     try:
         data = load_data(args, console)
     except Exception as error:  # the loader's errors say what is missing and how to fix it
         console.print(f"[red]error:[/] {error}")
         return 2
     params = init_params(args.seed, args.dtype, batch_norm=batch_norm)
-    state = init_state(args.dtype) if batch_norm else []
+    state = init_state(args.dtype, batch_norm)
 
     # Step 0: the first training batch of the shared order.
     first_batch = training.epoch_batches(len(data[0]), args.batch_size, training.batch_rng(args.seed))[0]
@@ -247,11 +317,15 @@ def main(argv=None) -> int:
     console.print(epoch_table(epochs, {k: s.title for k, s in sides.items()}))
     for key in sides:
         t = timings[key]
-        console.print(f"  {key:>5}: {t['train_s']:.2f} s training, {t['samples_per_s']:,.0f} samples/s "
-                      f"(+ {t['compile_s']:.2f} s compile/warm-up)")
+        console.print(
+            f"  {key:>5}: {t['train_s']:.2f} s training, {t['samples_per_s']:,.0f} samples/s "
+            f"(+ {t['compile_s']:.2f} s compile/warm-up)"
+        )
     timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    console.print(f"  memory: peak RSS {timings['peak_rss_mb']:,.0f} MB; RSS after each epoch (MB): "
-                  + " ".join(f"{m:,.0f}" for m in timings["rss_mb_per_epoch"]))
+    console.print(
+        f"  memory: peak RSS {timings['peak_rss_mb']:,.0f} MB; RSS after each epoch (MB): "
+        + " ".join(f"{m:,.0f}" for m in timings["rss_mb_per_epoch"])
+    )
 
     n_test = len(data[3])
     tolerances = {
@@ -262,19 +336,32 @@ def main(argv=None) -> int:
     failures = [f"step 0: {r.quantity}: max rel err {r.max_rel_err:.2e} > tol {r.tol:.0e}" for r in rows0 if not r.ok]
     last = epochs[-1]
     if last["max_param_drift"] > tolerances["max_param_drift"]:
-        failures.append(f"training: max param drift {last['max_param_drift']:.2e} > tol {tolerances['max_param_drift']:.0e}")
+        failures.append(
+            f"training: max param drift {last['max_param_drift']:.2e} > tol {tolerances['max_param_drift']:.0e}"
+        )
     if last["disagreements"] > tolerances["disagreements"]:
-        failures.append(f"training: {last['disagreements']} test predictions differ > tol {tolerances['disagreements']}")
+        failures.append(
+            f"training: {last['disagreements']} test predictions differ > tol {tolerances['disagreements']}"
+        )
 
     report = {
         "passed": not failures,
         "failures": failures,
         "config": {
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
-            "momentum": args.momentum, "dtype": args.dtype, "seed": args.seed, "backend": args.backend,
-            "model": args.model, "batch_norm": batch_norm, "quick": args.quick,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "lr_schedule": "cosine",
+            "momentum": args.momentum,
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "backend": args.backend,
+            "model": args.model,
+            "batch_norm": batch_norm,
+            "quick": args.quick,
             "numpy_trainer": "reference" if args.reference_trainer else "fast",
-            "n_train": len(data[0]), "n_test": n_test,
+            "n_train": len(data[0]),
+            "n_test": n_test,
             "machine_epsilon": float(np.finfo(args.dtype).eps),
         },
         "sides": {k: s.title for k, s in sides.items()},
@@ -292,8 +379,10 @@ def main(argv=None) -> int:
     plot_comparison(report, args.out / "output.png")
     report["timings"]["wall_s"] = time.perf_counter() - wall_start
     report_module.write_report(report, args.out / "report.json")
-    console.print(f"wrote {args.out / 'report.json'} and {args.out / 'output.png'} "
-                  f"(wall time {report['timings']['wall_s']:.1f} s)")
+    console.print(
+        f"wrote {args.out / 'report.json'} and {args.out / 'output.png'} "
+        f"(wall time {report['timings']['wall_s']:.1f} s)"
+    )
     if failures:
         for line in failures:
             console.print(f"[bold red]FAIL[/] {line}")

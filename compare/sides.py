@@ -8,8 +8,9 @@ trainers (``epoch(batch_indices, learning_rates)``, ``predict(images)``, ``param
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def jax_side(model: str = "pmean") -> Side:
     from jaxside.model import batched_forward
     from jaxside.train import Trainer
 
-    train_logits_jit = jax.jit(lambda p, s, x: batched_forward(p, x, s, train=True)[0])
+    train_logits_jit = jax.jit(lambda p, s, x: batched_forward(p, s, x, train=True)[0])
     return Side(
         key="jax",
         title="JAX (per example, vmap + pmean)",

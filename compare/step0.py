@@ -51,10 +51,18 @@ def step0_rows(jax_side, numpy_side, params, state, images, labels) -> list[Row]
     """Compare logits, loss, every gradient and the new running statistics on one batch."""
     tol = TOLERANCE[np.dtype(params[0]["weight"].dtype)]
     rows = [
-        _row("logits (train mode)", jax_side.train_logits(params, state, images),
-             numpy_side.train_logits(params, state, images), tol),
-        _row("logits (eval mode)", jax_side.predict_logits(params, state, images),
-             numpy_side.predict_logits(params, state, images), tol),
+        _row(
+            "logits (train mode)",
+            jax_side.train_logits(params, state, images),
+            numpy_side.train_logits(params, state, images),
+            tol,
+        ),
+        _row(
+            "logits (eval mode)",
+            jax_side.predict_logits(params, state, images),
+            numpy_side.predict_logits(params, state, images),
+            tol,
+        ),
     ]
     jax_loss, jax_grads, jax_state = jax_side.loss_and_grads(params, state, images, labels)
     np_loss, np_grads, np_state = numpy_side.loss_and_grads(params, state, images, labels)

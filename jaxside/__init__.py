@@ -1,13 +1,10 @@
 """The per-example JAX side: one image in, ``jax.vmap(..., axis_name="batch")`` adds the batch.
 
-64-bit floats are switched on at import so that float64 comparisons with the NumPy side are
-possible; float32 inputs still compute in float32 (JAX keeps the inputs' dtype).
+Importing it changes no JAX setting. Float64 needs JAX's 64-bit mode, which the caller switches on
+before computing (``jax.config.update("jax_enable_x64", True)``; the entry points and the tests do);
+float64 input without it is refused with an error that says so, instead of silently computed in float32.
 """
 
-import jax
-
-jax.config.update("jax_enable_x64", True)
-
-from jaxside.model import forward_pass, loss_and_grads, predict_logits  # noqa: E402
+from jaxside.model import forward_pass, loss_and_grads, predict_logits
 
 __all__ = ["forward_pass", "loss_and_grads", "predict_logits"]

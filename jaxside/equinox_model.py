@@ -91,12 +91,13 @@ from jaxtyping import Array, Float, Int
 
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, LAYER_SIZES, InputError
-from jaxside.layers import (  # importing the jaxside package switches on 64-bit floats
+from jaxside.layers import (
     BATCH_AXIS,
     NestedBatchAxisError,
     UnboundBatchAxisError,
     check_batch_axis_not_shadowed,
 )
+from jaxside.model import check_float64_enabled
 
 #: Equinox's ``momentum`` (weight of the OLD running statistic) that means our ``BN_MOMENTUM = 0.1``.
 EQX_MOMENTUM = 1.0 - BN_MOMENTUM
@@ -137,10 +138,14 @@ class MLP(eqx.Module):
             eqx.nn.Linear(sizes[i], sizes[i + 1], use_bias=(i == last or not batch_norm), dtype=dtype, key=keys[i])
             for i in range(len(sizes) - 1)
         )
-        self.norms = tuple(
-            eqx.nn.BatchNorm(n, axis_name=axis_name, eps=BN_EPS, momentum=EQX_MOMENTUM, mode="batch", dtype=dtype)
-            for n in sizes[1:-1]
-        ) if batch_norm else ()
+        self.norms = (
+            tuple(
+                eqx.nn.BatchNorm(n, axis_name=axis_name, eps=BN_EPS, momentum=EQX_MOMENTUM, mode="batch", dtype=dtype)
+                for n in sizes[1:-1]
+            )
+            if batch_norm
+            else ()
+        )
         self.axis_name = axis_name
 
     @property
@@ -201,7 +206,7 @@ def batch_loss(model: MLP, state: eqx.nn.State, images, labels):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _skeleton(batch_norm: bool, dtype_name: str) -> tuple[MLP, eqx.nn.State]:
     """A model and fresh state of the right structure (their values get replaced). Never ``.set`` the
     cached state itself (``State.set`` invalidates it): :func:`_clone` it first."""
@@ -226,7 +231,9 @@ def _assemble(params, state, *, batch_norm: bool, dtype, counter: int):
         linears.append(linear)
     norms = []
     for norm, layer, stats in zip(model.norms, params, state or []):
-        norms.append(eqx.tree_at(lambda bn: (bn.weight, bn.bias), norm, (as_jax(layer["gamma"]), as_jax(layer["beta"]))))
+        norms.append(
+            eqx.tree_at(lambda bn: (bn.weight, bn.bias), norm, (as_jax(layer["gamma"]), as_jax(layer["beta"])))
+        )
         eqx_state = eqx_state.set(norm.batch_state_index, (as_jax(stats["mean"]), as_jax(stats["var"])))
         eqx_state = eqx_state.set(norm.batch_counter, jnp.full_like(eqx_state.get(norm.batch_counter), counter))
     model = eqx.tree_at(lambda m: (m.linears, m.norms), model, (tuple(linears), tuple(norms)))
@@ -305,6 +312,7 @@ def _logits(model, eqx_state, images):
 
 def _checked_inputs(params, state, images) -> tuple[bool, np.dtype, np.ndarray]:
     batch_norm, dtype = contract.check_params(params)
+    check_float64_enabled(dtype)
     contract.check_state(state, batch_norm, dtype)
     return batch_norm, dtype, contract.check_images(images, dtype)
 
@@ -313,7 +321,7 @@ def loss_and_grads(params, state, images, labels) -> tuple[np.floating, list[dic
     """Training-mode loss, gradients (``eqx.filter_value_and_grad`` on the Equinox model, converted to
     the layout of ``params``), and Equinox's new running statistics in our layout (they differ from
     ``jaxside``'s by Bessel's correction, see the module docstring)."""
-    batch_norm, dtype, images = _checked_inputs(params, state, images)
+    batch_norm, _dtype, images = _checked_inputs(params, state, images)
     labels = contract.check_labels(labels, images.shape[0])
     if batch_norm:
         contract.check_training_batch_size(images.shape[0])
@@ -394,8 +402,16 @@ class Trainer:
         return eqx.combine(self.params, self.static)
 
     def _epoch_args(self, batch_indices, learning_rates):
-        return (self.params, self.velocity, self.eqx_state, self.images, self.labels,
-                jnp.asarray(batch_indices, jnp.int32), jnp.asarray(learning_rates, self.dtype), self.momentum)
+        return (
+            self.params,
+            self.velocity,
+            self.eqx_state,
+            self.images,
+            self.labels,
+            jnp.asarray(batch_indices, jnp.int32),
+            jnp.asarray(learning_rates, self.dtype),
+            self.momentum,
+        )
 
     def compile(self, steps: int, batch_size: int) -> float:
         """Compile the epoch for ``steps`` batches of ``batch_size`` ahead of time; return the seconds."""
@@ -494,7 +510,7 @@ def running_stats_difference(params, state, images) -> RunningStatsDifference:
     """
     import jaxside.model as ours
 
-    batch_norm, dtype, images = _checked_inputs(params, state, images)
+    batch_norm, _dtype, images = _checked_inputs(params, state, images)
     if not batch_norm:
         raise InputError("running statistics exist only with batch norm on")
     contract.check_training_batch_size(images.shape[0])

@@ -79,7 +79,7 @@ def linear(
     return y
 
 
-def batch_mean(value: Float[Array, "..."], axis_name: str = BATCH_AXIS) -> Float[Array, "..."]:
+def batch_mean(value: Float[Array, ...], axis_name: str = BATCH_AXIS) -> Float[Array, ...]:
     """Mean of ``value`` over the examples of the named ``vmap`` axis: ``(1/N) sum_n value_n``.
 
     This is the only door through which an example sees the others. Outside a ``vmap`` that
@@ -147,4 +147,3 @@ def batchnorm_eval(
 def sigmoid(x: Float[Array, " n"]) -> Float[Array, " n"]:
     """``1 / (1 + exp(-x))`` (``jax.nn.sigmoid`` is stable for large ``|x|``)."""
     return jax.nn.sigmoid(x)
-

@@ -44,7 +44,7 @@ def update_running_stats(
 
 
 def forward_pass(
-    params: Params, image_vector: Float[Array, " x"], state: State, *, train: bool
+    params: Params, state: State, image_vector: Float[Array, " x"], *, train: bool
 ) -> tuple[Float[Array, " classes"], State]:
     """Logits of ONE image and the new running statistics.
 
@@ -56,7 +56,7 @@ def forward_pass(
     if image_vector.ndim != 1:
         raise InputError(
             f"forward_pass takes ONE image vector of shape (784,), got shape {image_vector.shape}; "
-            "for a batch use jax.vmap(forward_pass, in_axes=(None, 0, None), axis_name='batch')"
+            "for a batch use jax.vmap(forward_pass, in_axes=(None, None, 0), axis_name='batch')"
         )
     x = image_vector
     new_state = []
@@ -76,13 +76,13 @@ def forward_pass(
 
 
 def batched_forward(
-    params: Params, images: Float[Array, "batch x"], state: State, *, train: bool
+    params: Params, state: State, images: Float[Array, "batch x"], *, train: bool
 ) -> tuple[Float[Array, "batch classes"], State]:
     """``forward_pass`` vmapped over the batch. The running statistics are batch-invariant (they
     come out of ``pmean``), so they leave the ``vmap`` unbatched (``out_axes=None``)."""
 
     def one_example(image_vector):
-        return forward_pass(params, image_vector, state, train=train)
+        return forward_pass(params, state, image_vector, train=train)
 
     return jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
 
@@ -95,7 +95,7 @@ def batch_loss(
     ``L = -(1/B) sum_b log softmax(z_b)[y_b]``, written as in the seed: ``log_softmax`` of the
     vmapped logits, then a vmapped ``getitem`` picks each example's label.
     """
-    logits, new_state = batched_forward(params, images, state, train=True)
+    logits, new_state = batched_forward(params, state, images, train=True)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     picked = jax.vmap(operator.getitem)(log_probs, labels)
     return -picked.mean(), new_state
@@ -109,11 +109,22 @@ def _loss_and_grads(params, state, images, labels):
 
 @jax.jit
 def _predict_logits(params, state, images):
-    return batched_forward(params, images, state, train=False)[0]
+    return batched_forward(params, state, images, train=False)[0]
+
+
+def check_float64_enabled(dtype: np.dtype) -> None:
+    """Refuse float64 when JAX's 64-bit mode is off: JAX would silently compute in float32."""
+    if np.dtype(dtype) == np.float64 and not jax.config.jax_enable_x64:
+        raise InputError(
+            "float64 parameters need JAX's 64-bit mode, which is off: call "
+            "jax.config.update('jax_enable_x64', True) before the first JAX computation "
+            "(without it JAX would silently compute in float32)"
+        )
 
 
 def _checked_inputs(params, state, images) -> tuple[bool, np.dtype, np.ndarray]:
     batch_norm, dtype = contract.check_params(params)
+    check_float64_enabled(dtype)
     contract.check_state(state, batch_norm, dtype)
     return batch_norm, dtype, contract.check_images(images, dtype)
 
@@ -129,7 +140,7 @@ def loss_and_grads(params, state, images, labels) -> tuple[np.floating, list[dic
     Inputs may be NumPy or JAX arrays; outputs are NumPy. ``images`` are cast to the parameters'
     dtype. With batch norm off, ``state`` is ``[]`` and so is the returned state.
     """
-    batch_norm, dtype, images = _checked_inputs(params, state, images)
+    batch_norm, _dtype, images = _checked_inputs(params, state, images)
     labels = contract.check_labels(labels, images.shape[0])
     if batch_norm:
         contract.check_training_batch_size(images.shape[0])

@@ -18,7 +18,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare import contract, training
-from jaxside.model import _predict_logits, batch_loss, to_numpy
+from jaxside.model import _predict_logits, batch_loss, check_float64_enabled, to_numpy
 
 
 def sgd_momentum(params, velocity, grads, lr, momentum):
@@ -72,6 +72,7 @@ class Trainer:
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float):
         _, dtype, train_images, train_labels = contract.check_training_set(params, state, train_images, train_labels)
+        check_float64_enabled(dtype)
         self.dtype = dtype
         self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), params)
         self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
@@ -82,8 +83,16 @@ class Trainer:
         self._compiled = {}
 
     def _epoch_args(self, batch_indices, learning_rates):
-        return (self.params, self.velocity, self.state, self.images, self.labels,
-                jnp.asarray(batch_indices, jnp.int32), jnp.asarray(learning_rates, self.dtype), self.momentum)
+        return (
+            self.params,
+            self.velocity,
+            self.state,
+            self.images,
+            self.labels,
+            jnp.asarray(batch_indices, jnp.int32),
+            jnp.asarray(learning_rates, self.dtype),
+            self.momentum,
+        )
 
     def compile(self, steps: int, batch_size: int) -> float:
         """Compile the epoch for ``steps`` batches of ``batch_size`` ahead of time (so that epoch
@@ -148,6 +157,8 @@ def train(params, state, data, *, epochs, batch_size, lr, momentum, seed, progre
 
 def main(argv=None) -> int:
     from compare.init import init_params, init_state
+
+    jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
     from compare.mnist import load_mnist
 
     parser = argparse.ArgumentParser(description="Train the per-example JAX MLP with batch norm on MNIST.")
@@ -170,9 +181,17 @@ def main(argv=None) -> int:
     print(f"MNIST: {source}")
     batch_norm = not args.no_batch_norm
     params = init_params(args.seed, args.dtype, batch_norm=batch_norm)
-    state = init_state(args.dtype) if batch_norm else []
-    _, history = train(params, state, data, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, momentum=args.momentum, seed=args.seed)
+    state = init_state(args.dtype, batch_norm)
+    _, history = train(
+        params,
+        state,
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=args.seed,
+    )
     for epoch, (loss, acc, sec) in enumerate(zip(history.train_loss, history.test_accuracy, history.seconds), 1):
         print(f"epoch {epoch:2d}  train loss {loss:.4f}  test accuracy {acc:.2%}  ({sec:.2f} s)")
 
@@ -184,8 +203,11 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = range(1, args.epochs + 1)
     ax.plot(epochs, [100 * a for a in history.test_accuracy], marker="o")
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
-           title=f"Per-example JAX MLP, batch norm {'on' if batch_norm else 'off'}")
+    ax.set(
+        xlabel="epoch",
+        ylabel="test accuracy (%)",
+        title=f"Per-example JAX MLP, batch norm {'on' if batch_norm else 'off'}",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)

@@ -31,8 +31,22 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 def _signature(real):
     # cblas_?gemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), ILP64;
     # the pointers are passed as integers of pointer size (same calling convention).
-    return types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64, real,
-                      types.intp, types.int64, types.intp, types.int64, real, types.intp, types.int64)
+    return types.void(
+        types.int32,
+        types.int32,
+        types.int32,
+        types.int64,
+        types.int64,
+        types.int64,
+        real,
+        types.intp,
+        types.int64,
+        types.intp,
+        types.int64,
+        real,
+        types.intp,
+        types.int64,
+    )
 
 
 cblas_sgemm = types.ExternalFunction(SYMBOLS["s"], _signature(types.float32))
@@ -41,8 +55,10 @@ cblas_dgemm = types.ExternalFunction(SYMBOLS["d"], _signature(types.float64))
 
 def _numpy_openblas_candidates() -> list[str]:
     numpy_dir = os.path.dirname(np.__file__)
-    patterns = [os.path.join(numpy_dir, os.pardir, "numpy.libs", "*openblas*"),
-                os.path.join(numpy_dir, ".dylibs", "*openblas*")]
+    patterns = [
+        os.path.join(numpy_dir, os.pardir, "numpy.libs", "*openblas*"),
+        os.path.join(numpy_dir, ".dylibs", "*openblas*"),
+    ]
     return sorted(path for pattern in patterns for path in glob.glob(pattern))
 
 

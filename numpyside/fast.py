@@ -91,8 +91,14 @@ class _Blocks:
         n = sizes[1]
         if len(set(sizes[1:-1])) != 1:
             raise InputError(f"FastTrainer needs hidden layers of one width, got {sizes[1:-1]}")
-        shapes = {"w0": (sizes[0], n), "w_hidden": (len(sizes) - 3, n, n), "w_out": (n, sizes[-1]),
-                  "a": (len(sizes) - 2, n), "b": (len(sizes) - 2, n), "b_out": (sizes[-1],)}
+        shapes = {
+            "w0": (sizes[0], n),
+            "w_hidden": (len(sizes) - 3, n, n),
+            "w_out": (n, sizes[-1]),
+            "a": (len(sizes) - 2, n),
+            "b": (len(sizes) - 2, n),
+            "b_out": (sizes[-1],),
+        }
         align = _ALIGN_BYTES // dtype.itemsize
         offsets, total = {}, 0
         for name, shape in shapes.items():
@@ -100,7 +106,7 @@ class _Blocks:
             total += -(-int(np.prod(shape)) // align) * align
         self.flat = np.zeros(total, dtype)
         for name, shape in shapes.items():
-            setattr(self, name, self.flat[offsets[name]:offsets[name] + int(np.prod(shape))].reshape(shape))
+            setattr(self, name, self.flat[offsets[name] : offsets[name] + int(np.prod(shape))].reshape(shape))
         self.tree = []
         for i in range(len(sizes) - 2):
             layer = {"weight": self.w0 if i == 0 else self.w_hidden[i - 1]}
@@ -154,7 +160,8 @@ class FastTrainer:
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
         _check_backend(backend)
         batch_norm, dtype, self.images, self.labels = contract.check_training_set(
-            params, state, train_images, train_labels)
+            params, state, train_images, train_labels
+        )
         self.dtype = dtype
         self.backend = backend
         self.batch_norm = batch_norm
@@ -168,8 +175,11 @@ class FastTrainer:
         for i, layer in enumerate(state or []):
             self._running_mean[i] = np.asarray(layer["mean"], dtype)
             self._running_var[i] = np.asarray(layer["var"], dtype)
-        self.state = ([{"mean": self._running_mean[i], "var": self._running_var[i]} for i in range(n_hidden)]
-                      if batch_norm else [])
+        self.state = (
+            [{"mean": self._running_mean[i], "var": self._running_var[i]} for i in range(n_hidden)]
+            if batch_norm
+            else []
+        )
         self.momentum = dtype.type(momentum)
         self._eps = dtype.type(BN_EPS)
         self._keep = dtype.type(1 - BN_MOMENTUM)
@@ -204,8 +214,10 @@ class FastTrainer:
         return the per-step losses."""
         batch_indices = np.asarray(batch_indices)
         if batch_indices.ndim != 2 or not np.issubdtype(batch_indices.dtype, np.integer):
-            raise InputError(f"batch_indices must be a 2-D integer array (steps, batch), got "
-                             f"{batch_indices.dtype} of shape {batch_indices.shape}")
+            raise InputError(
+                f"batch_indices must be a 2-D integer array (steps, batch), got "
+                f"{batch_indices.dtype} of shape {batch_indices.shape}"
+            )
         steps, batch_size = batch_indices.shape
         rates = np.asarray(learning_rates, self.dtype)
         if rates.shape != (steps,):
@@ -269,11 +281,48 @@ class FastTrainer:
         the kernels' work is split across numba's threads, which also run BLAS's jobs
         (:mod:`numpyside.threads`); the results are the same bits."""
         p, g = self._params, self._grads
-        args = (self.images, self.labels, batch_indices, rates, losses, b.x, b.labels, b.z, b.s, b.x_hat, b.mean,
-                b.var, b.inv_std, b.ds, b.d, b.logits, b.dlogits, p.w0, p.w_hidden, p.w_out, p.a, p.b, p.b_out,
-                g.w0, g.w_hidden, g.w_out, g.a, g.b, g.b_out, p.flat, self._velocity.flat, g.flat,
-                self._running_mean, self._running_var, self._eps, self._keep, self._new, b.unbias, self.momentum,
-                self.batch_norm)
+        args = (
+            self.images,
+            self.labels,
+            batch_indices,
+            rates,
+            losses,
+            b.x,
+            b.labels,
+            b.z,
+            b.s,
+            b.x_hat,
+            b.mean,
+            b.var,
+            b.inv_std,
+            b.ds,
+            b.d,
+            b.logits,
+            b.dlogits,
+            p.w0,
+            p.w_hidden,
+            p.w_out,
+            p.a,
+            p.b,
+            p.b_out,
+            g.w0,
+            g.w_hidden,
+            g.w_out,
+            g.a,
+            g.b,
+            g.b_out,
+            p.flat,
+            self._velocity.flat,
+            g.flat,
+            self._running_mean,
+            self._running_var,
+            self._eps,
+            self._keep,
+            self._new,
+            b.unbias,
+            self.momentum,
+            self.batch_norm,
+        )
         if self.threaded:
             with threads.blas_on_numba_threads():
                 fused.train_steps_threaded(*args, threads.parts())
@@ -291,9 +340,24 @@ class FastTrainer:
             layer, z, s = params[i], b.z[i], b.s[i]
             matmul(x, layer["weight"], out=z)
             if bn:
-                fused.bn_sigmoid_forward(z, layer["gamma"], layer["beta"], self._eps, state[i]["mean"], state[i]["var"],
-                                         self._keep, self._new, b.unbias, b.mean[i], b.var[i], b.inv_std[i],
-                                         b.x_hat[i], s, 0, s.shape[1])
+                fused.bn_sigmoid_forward(
+                    z,
+                    layer["gamma"],
+                    layer["beta"],
+                    self._eps,
+                    state[i]["mean"],
+                    state[i]["var"],
+                    self._keep,
+                    self._new,
+                    b.unbias,
+                    b.mean[i],
+                    b.var[i],
+                    b.inv_std[i],
+                    b.x_hat[i],
+                    s,
+                    0,
+                    s.shape[1],
+                )
             else:
                 fused.bias_sigmoid_forward(z, layer["bias"], s, 0, s.shape[1])
             x = s
@@ -306,8 +370,18 @@ class FastTrainer:
             layer, layer_grads, ds = params[i], grads[i], b.ds[i]
             matmul(d, weight.T, out=ds)
             if bn:
-                fused.sigmoid_bn_backward(ds, b.s[i], b.x_hat[i], layer["gamma"], b.inv_std[i], b.d[i],
-                                          layer_grads["gamma"], layer_grads["beta"], 0, ds.shape[1])
+                fused.sigmoid_bn_backward(
+                    ds,
+                    b.s[i],
+                    b.x_hat[i],
+                    layer["gamma"],
+                    b.inv_std[i],
+                    b.d[i],
+                    layer_grads["gamma"],
+                    layer_grads["beta"],
+                    0,
+                    ds.shape[1],
+                )
             else:
                 fused.sigmoid_bias_backward(ds, b.s[i], b.d[i], layer_grads["bias"], 0, ds.shape[1])
             d, weight = b.d[i], layer["weight"]

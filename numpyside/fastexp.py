@@ -73,17 +73,39 @@ def exp_nonpositive(x):
 def _constants(float_type, int_type, degree, mantissa_bits, exponent_bias, lowest, ln2_hi, ln2_lo):
     f = float_type
     return dict(
-        lowest=f(lowest), inv_ln2=f(1 / math.log(2)), ln2_hi=f(ln2_hi), ln2_lo=f(ln2_lo),
+        lowest=f(lowest),
+        inv_ln2=f(1 / math.log(2)),
+        ln2_hi=f(ln2_hi),
+        ln2_lo=f(ln2_lo),
         round_magic=f(1.5 * 2.0 ** (mantissa_bits - 1)),
         coefficients=tuple(f(1 / math.factorial(k)) for k in range(degree, 1, -1)),  # 1/d!, ..., 1/2!
-        one=f(1), int_type=int_type, bias=int_type(exponent_bias), shift=int_type(mantissa_bits - 1),
+        one=f(1),
+        int_type=int_type,
+        bias=int_type(exponent_bias),
+        shift=int_type(mantissa_bits - 1),
     )
 
 
-_FLOAT32 = _constants(np.float32, np.int32, degree=7, mantissa_bits=24, exponent_bias=127, lowest=-104.0,
-                      ln2_hi=0.693359375, ln2_lo=-2.12194440e-4)
-_FLOAT64 = _constants(np.float64, np.int64, degree=13, mantissa_bits=53, exponent_bias=1023, lowest=-746.0,
-                      ln2_hi=6.93147180369123816490e-01, ln2_lo=1.90821492927058770002e-10)
+_FLOAT32 = _constants(
+    np.float32,
+    np.int32,
+    degree=7,
+    mantissa_bits=24,
+    exponent_bias=127,
+    lowest=-104.0,
+    ln2_hi=0.693359375,
+    ln2_lo=-2.12194440e-4,
+)
+_FLOAT64 = _constants(
+    np.float64,
+    np.int64,
+    degree=13,
+    mantissa_bits=53,
+    exponent_bias=1023,
+    lowest=-746.0,
+    ln2_hi=6.93147180369123816490e-01,
+    ln2_lo=1.90821492927058770002e-10,
+)
 
 
 @overload(exp_nonpositive, jit_options={"fastmath": False, "error_model": "numpy"})

@@ -52,8 +52,9 @@ def gather_labels(labels, indices, out):
 
 
 @_jit
-def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new, unbias,
-                       mean, var, inv_std, x_hat, s, lo, hi):
+def bn_sigmoid_forward(
+    z, gamma, beta, eps, running_mean, running_var, keep, new, unbias, mean, var, inv_std, x_hat, s, lo, hi
+):
     """Training-mode batch norm of ``z`` (B, n), the running-statistics update, and the sigmoid,
     in three passes over the batch:
 
@@ -80,9 +81,9 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
         for j in range(lo, hi):
             mean[j] = (((mean[j] + z[i, j]) + z[i + 1, j]) + z[i + 2, j]) + z[i + 3, j]
         i += 4
-    for i in range(i, n_rows):
+    for row in range(i, n_rows):
         for j in range(lo, hi):
-            mean[j] += z[i, j]
+            mean[j] += z[row, j]
     for j in range(lo, hi):
         mean[j] = mean[j] / count
     i = 0
@@ -95,9 +96,9 @@ def bn_sigmoid_forward(z, gamma, beta, eps, running_mean, running_var, keep, new
             c3 = z[i + 3, j] - m
             var[j] = (((var[j] + c0 * c0) + c1 * c1) + c2 * c2) + c3 * c3
         i += 4
-    for i in range(i, n_rows):
+    for row in range(i, n_rows):
         for j in range(lo, hi):
-            c = z[i, j] - mean[j]
+            c = z[row, j] - mean[j]
             var[j] += c * c
     for j in range(lo, hi):
         var[j] = var[j] / count
@@ -211,7 +212,9 @@ def _gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, itemsize):
     """``C = op(A) @ op(B)`` (row-major, ``alpha = 1``, ``beta = 0``) on raw pointers, exactly the
     call that ``np.matmul`` makes for these operands."""
     if itemsize == 4:
-        blas.cblas_sgemm(blas.ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1), a, lda, b, ldb, np.float32(0), c, ldc)
+        blas.cblas_sgemm(
+            blas.ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1), a, lda, b, ldb, np.float32(0), c, ldc
+        )
     else:
         blas.cblas_dgemm(blas.ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a, lda, b, ldb, 0.0, c, ldc)
 
@@ -219,22 +222,58 @@ def _gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, itemsize):
 @_jit
 def matmul(x, w, out):
     """``out = x @ w`` for C-contiguous 2-D arrays."""
-    _gemm(blas.NO_TRANS, blas.NO_TRANS, x.shape[0], w.shape[1], x.shape[1], x.ctypes.data, x.shape[1],
-          w.ctypes.data, w.shape[1], out.ctypes.data, out.shape[1], x.itemsize)
+    _gemm(
+        blas.NO_TRANS,
+        blas.NO_TRANS,
+        x.shape[0],
+        w.shape[1],
+        x.shape[1],
+        x.ctypes.data,
+        x.shape[1],
+        w.ctypes.data,
+        w.shape[1],
+        out.ctypes.data,
+        out.shape[1],
+        x.itemsize,
+    )
 
 
 @_jit
 def matmul_tn(x, d, out):
     """``out = x.T @ d`` (a weight gradient) for C-contiguous 2-D arrays."""
-    _gemm(blas.TRANS, blas.NO_TRANS, x.shape[1], d.shape[1], x.shape[0], x.ctypes.data, x.shape[1],
-          d.ctypes.data, d.shape[1], out.ctypes.data, out.shape[1], x.itemsize)
+    _gemm(
+        blas.TRANS,
+        blas.NO_TRANS,
+        x.shape[1],
+        d.shape[1],
+        x.shape[0],
+        x.ctypes.data,
+        x.shape[1],
+        d.ctypes.data,
+        d.shape[1],
+        out.ctypes.data,
+        out.shape[1],
+        x.itemsize,
+    )
 
 
 @_jit
 def matmul_nt(d, w, out):
     """``out = d @ w.T`` (an input gradient) for C-contiguous 2-D arrays."""
-    _gemm(blas.NO_TRANS, blas.TRANS, d.shape[0], w.shape[0], d.shape[1], d.ctypes.data, d.shape[1],
-          w.ctypes.data, w.shape[1], out.ctypes.data, out.shape[1], d.itemsize)
+    _gemm(
+        blas.NO_TRANS,
+        blas.TRANS,
+        d.shape[0],
+        w.shape[0],
+        d.shape[1],
+        d.ctypes.data,
+        d.shape[1],
+        w.ctypes.data,
+        w.shape[1],
+        out.ctypes.data,
+        out.shape[1],
+        d.itemsize,
+    )
 
 
 @_jit
@@ -247,10 +286,49 @@ def part_bounds(n, part, parts, align):
     return lo, hi
 
 
-def _train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat, mean, var, inv_std, ds, d,
-                 logits, dlogits, w0, w_hidden, w_out, a, b, b_out, g_w0, g_hidden, g_out, g_a, g_b, g_b_out,
-                 params, velocity, grads, running_mean, running_var, eps, keep, new, unbias, momentum, batch_norm,
-                 parts):
+def _train_steps(
+    images,
+    labels,
+    batch_indices,
+    rates,
+    losses,
+    x,
+    y,
+    z,
+    s,
+    x_hat,
+    mean,
+    var,
+    inv_std,
+    ds,
+    d,
+    logits,
+    dlogits,
+    w0,
+    w_hidden,
+    w_out,
+    a,
+    b,
+    b_out,
+    g_w0,
+    g_hidden,
+    g_out,
+    g_a,
+    g_b,
+    g_b_out,
+    params,
+    velocity,
+    grads,
+    running_mean,
+    running_var,
+    eps,
+    keep,
+    new,
+    unbias,
+    momentum,
+    batch_norm,
+    parts,
+):
     """Steps ``k = 0 .. steps-1``: train on the batch ``batch_indices[k]`` with the learning rate
     ``rates[k]``, write the loss to ``losses[k]``. The numba counterpart of ``jaxside.train``'s
     ``lax.scan`` over an epoch: one compiled call, no Python between the steps.
@@ -284,8 +362,24 @@ def _train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
                 if batch_norm:
-                    bn_sigmoid_forward(z[i], a[i], b[i], eps, running_mean[i], running_var[i], keep, new, unbias,
-                                       mean[i], var[i], inv_std[i], x_hat[i], s[i], lo, hi)
+                    bn_sigmoid_forward(
+                        z[i],
+                        a[i],
+                        b[i],
+                        eps,
+                        running_mean[i],
+                        running_var[i],
+                        keep,
+                        new,
+                        unbias,
+                        mean[i],
+                        var[i],
+                        inv_std[i],
+                        x_hat[i],
+                        s[i],
+                        lo,
+                        hi,
+                    )
                 else:
                     bias_sigmoid_forward(z[i], a[i], s[i], lo, hi)
         matmul(s[last], w_out, logits)
@@ -312,13 +406,15 @@ def _train_steps(images, labels, batch_indices, rates, losses, x, y, z, s, x_hat
 def _copy_named(function, name: str):
     """``function`` under another name: numba's on-disk cache files a compiled function under its
     name and line, so the serial and the parallel compilation of one body need two names."""
-    copy = pytypes.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
-                                function.__closure__)
+    copy = pytypes.FunctionType(
+        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
+    )
     copy.__qualname__ = name
     copy.__doc__ = function.__doc__
     return copy
 
 
 train_steps = _jit(_copy_named(_train_steps, "train_steps"))
-train_steps_threaded = numba.njit(cache=True, parallel=True, fastmath=False, error_model="numpy", nogil=True,
-                                  boundscheck=False)(_copy_named(_train_steps, "train_steps_threaded"))
+train_steps_threaded = numba.njit(
+    cache=True, parallel=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False
+)(_copy_named(_train_steps, "train_steps_threaded"))

@@ -181,7 +181,9 @@ def batchnorm_forward(
     return out, BatchNormCache(x, mean, centered, var, inv_std, x_hat, gamma, eps)
 
 
-def batchnorm_backward(dout, cache: BatchNormCache, *, backend: str = "numpy") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def batchnorm_backward(
+    dout, cache: BatchNormCache, *, backend: str = "numpy"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of :func:`batchnorm_forward`, compact closed form; ``dout`` (B, n).
 
     .. math::
@@ -262,7 +264,8 @@ def batchnorm_backward_staged(dout, cache: BatchNormCache) -> tuple[np.ndarray, 
 def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: str = "numpy") -> np.ndarray:
     """Batch norm in eval mode with the running statistics ``mean, var`` (n,); ``x`` (B, n).
 
-    .. math:: r = 1 / \\sqrt{\\text{var} + \\epsilon}, \\qquad \\text{out} = \\gamma\\, ((x - \\text{mean})\\, r) + \\beta
+    .. math::
+        r = 1 / \\sqrt{\\text{var} + \\epsilon}, \\qquad \\text{out} = \\gamma\\, ((x - \\text{mean})\\, r) + \\beta
 
     Mirrors ``jaxside.layers.batchnorm_eval``. No batch coupling (any B, also 1). Returns (B, n).
     """

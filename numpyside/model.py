@@ -126,7 +126,7 @@ def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACK
     is the returned state.
     """
     _check_backend(backend)
-    batch_norm, dtype, images = _checked_inputs(params, state, images)
+    batch_norm, _dtype, images = _checked_inputs(params, state, images)
     labels = contract.check_labels(labels, images.shape[0])
     if batch_norm:
         contract.check_training_batch_size(images.shape[0])

@@ -106,7 +106,7 @@ _reason: str | None = None
 
 
 def unavailable_reason() -> str:
-    """"" when :func:`blas_on_numba_threads` can be used, else why not (checked once, lazily:
+    """ "" when :func:`blas_on_numba_threads` can be used, else why not (checked once, lazily:
     finding numba's threading layer means starting its threads)."""
     global _reason
     if _reason is None:

@@ -60,8 +60,9 @@ class Trainer:
         starts (nothing is updated); return the seconds it took."""
         start = time.perf_counter()
         indices = np.arange(batch_size) % len(self.images)
-        _, dlogits, _, caches = batch_loss(self.params, self.state, self.images[indices], self.labels[indices],
-                                           backend=self.backend)
+        _, dlogits, _, caches = batch_loss(
+            self.params, self.state, self.images[indices], self.labels[indices], backend=self.backend
+        )
         backward(dlogits, caches, backend=self.backend)
         self.predict(self.images[:2])
         return time.perf_counter() - start
@@ -70,8 +71,15 @@ class Trainer:
         """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
         return the per-step losses."""
         self.state, losses = train_epoch(
-            self.params, self.velocity, self.state, self.images, self.labels,
-            batch_indices, np.asarray(learning_rates, self.dtype), self.momentum, backend=self.backend,
+            self.params,
+            self.velocity,
+            self.state,
+            self.images,
+            self.labels,
+            batch_indices,
+            np.asarray(learning_rates, self.dtype),
+            self.momentum,
+            backend=self.backend,
         )
         return losses
 

@@ -1,8 +1,12 @@
-"""Shared fixtures: the real MNIST data set, loaded once per test session."""
+"""Shared setup: JAX's 64-bit mode (the float64 comparisons need it), and the real MNIST data set,
+loaded once per test session."""
 
 from __future__ import annotations
 
+import jax
 import pytest
+
+jax.config.update("jax_enable_x64", True)
 
 
 @pytest.fixture(scope="session")

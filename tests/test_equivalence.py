@@ -38,7 +38,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import jaxside  # noqa: F401  (switches on 64-bit floats)
 from compare import contract, training
 from compare.contract import BN_EPS, InputError
 from compare.init import init_params, init_state
@@ -75,7 +74,7 @@ SPREAD_NUDGES = 4
 
 def make_params(kind, seed, dtype, batch_norm):
     if kind == "init":
-        return init_params(seed, dtype, batch_norm=batch_norm), (init_state(dtype) if batch_norm else [])
+        return init_params(seed, dtype, batch_norm=batch_norm), init_state(dtype, batch_norm)
     return random_params(seed, dtype, batch_norm), (random_state(seed, dtype) if batch_norm else [])
 
 
@@ -94,7 +93,7 @@ def flatten(loss, grads, new_state, train_logits, eval_logits) -> dict[str, np.n
 def run_jax(params, state, images, labels) -> dict[str, np.ndarray]:
     loss, grads, new_state = J.loss_and_grads(params, state, images, labels)
     dtype = params[0]["weight"].dtype
-    train_logits, _ = J.batched_forward(params, jnp.asarray(images, dtype), list(state), train=True)
+    train_logits, _ = J.batched_forward(params, list(state), jnp.asarray(images, dtype), train=True)
     return flatten(loss, grads, new_state, train_logits, J.predict_logits(params, state, images))
 
 
@@ -319,9 +318,24 @@ MUTANTS = {
     # (attribute of numpyside.model, replacement, dtype in which the bug must show, quantities it must break)
     # (after one step with momentum 0.1 a biased variance moves the running variance by only
     # 0.1 * var / (n - 1) ~ 8e-5 relative on MNIST at n = 128: below float32's 1e-4, so float64)
-    "running var biased": ("update_running_stats", _biased_running_variance, np.float64, ["state 0.var", "state 2.var"]),
-    "eps left out": ("batchnorm_forward", _bn_forward_without_eps, np.float64, ["train_logits", "loss", "grad 0.gamma"]),
-    "bn backward uncoupled": ("batchnorm_backward", _bn_backward_without_coupling, np.float32, ["grad 0.weight", "grad 1.beta"]),
+    "running var biased": (
+        "update_running_stats",
+        _biased_running_variance,
+        np.float64,
+        ["state 0.var", "state 2.var"],
+    ),
+    "eps left out": (
+        "batchnorm_forward",
+        _bn_forward_without_eps,
+        np.float64,
+        ["train_logits", "loss", "grad 0.gamma"],
+    ),
+    "bn backward uncoupled": (
+        "batchnorm_backward",
+        _bn_backward_without_coupling,
+        np.float32,
+        ["grad 0.weight", "grad 1.beta"],
+    ),
     "sigmoid' = s": ("sigmoid_backward", _sigmoid_backward_with_s, np.float32, ["grad 0.weight", "grad 2.gamma"]),
 }
 
@@ -389,7 +403,9 @@ def test_sgd_epoch_matches_jax_trainer(trainer_setup, jax_trained, batch_norm, b
     assert worst <= TOL_TRAINER_ABS, worst
     assert [set(layer) for layer in ours] == [set(layer) for layer in jax_params]
     if batch_norm:
-        assert max(max_abs_err(a[k], b[k]) for a, b in zip(trainer.state_numpy(), jax_state) for k in b) <= TOL_TRAINER_ABS
+        assert (
+            max(max_abs_err(a[k], b[k]) for a, b in zip(trainer.state_numpy(), jax_state) for k in b) <= TOL_TRAINER_ABS
+        )
     else:
         assert trainer.state_numpy() == [] and jax_state == []
     np.testing.assert_array_equal(trainer.predict(test_images), jax_predictions)
@@ -408,7 +424,6 @@ def _valid(dtype=np.float32):
     return params, state, rng.random((4, contract.N_INPUTS)).astype(dtype), np.array([0, 1, 2, 3], np.int32)
 
 
-
 def _poke(images, row, col, value):
     images = images.copy()
     images[row, col] = value
@@ -417,26 +432,50 @@ def _poke(images, row, col, value):
 
 # name -> (break (params, state, images, labels), regex the message must match, also for predict_logits)
 BAD_INPUTS = {
-    "images wrong width": (lambda p, s, x, y: (p, s, x[:, :783], y), r"images must have shape \(batch, 784\), got \(4, 783\)", True),
+    "images wrong width": (
+        lambda p, s, x, y: (p, s, x[:, :783], y),
+        r"images must have shape \(batch, 784\), got \(4, 783\)",
+        True,
+    ),
     "images 1-D": (lambda p, s, x, y: (p, s, x[0], y), r"images must have shape \(batch, 784\), got \(784,\)", True),
     "images 3-D": (lambda p, s, x, y: (p, s, x.reshape(4, 28, 28), y), r"got \(4, 28, 28\)", True),
-    "images uint8": (lambda p, s, x, y: (p, s, (x * 255).astype(np.uint8), y), r"floating point.*divide raw uint8 pixels by 255", True),
-    "images NaN": (lambda p, s, x, y: (p, s, _poke(x, 2, 5, np.nan), y), r"NaN or Inf \(first at row 2, column 5\)", True),
-    "images Inf": (lambda p, s, x, y: (p, s, _poke(x, 1, 7, -np.inf), y), r"NaN or Inf \(first at row 1, column 7\)", True),
+    "images uint8": (
+        lambda p, s, x, y: (p, s, (x * 255).astype(np.uint8), y),
+        r"floating point.*divide raw uint8 pixels by 255",
+        True,
+    ),
+    "images NaN": (
+        lambda p, s, x, y: (p, s, _poke(x, 2, 5, np.nan), y),
+        r"NaN or Inf \(first at row 2, column 5\)",
+        True,
+    ),
+    "images Inf": (
+        lambda p, s, x, y: (p, s, _poke(x, 1, 7, -np.inf), y),
+        r"NaN or Inf \(first at row 1, column 7\)",
+        True,
+    ),
     "images empty": (lambda p, s, x, y: (p, s, x[:0], y[:0]), r"empty batch", True),
     "batch of one (training, bn)": (lambda p, s, x, y: (p, s, x[:1], y[:1]), r"at least 2 examples, got 1", False),
     "label 10": (lambda p, s, x, y: (p, s, x, np.array([0, 10, 1, 2])), r"0\.\.9, found 10", False),
     "label -1": (lambda p, s, x, y: (p, s, x, np.array([0, 1, -1, 2])), r"0\.\.9, found -1", False),
     "labels float": (lambda p, s, x, y: (p, s, x, y.astype(np.float64)), r"labels must be integers", False),
     "labels wrong length": (lambda p, s, x, y: (p, s, x, y[:3]), r"labels must have shape \(4,\).*got \(3,\)", False),
-    "params missing key": (lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y), r"params\[1\] has keys \['gamma', 'weight'\]", True),
+    "params missing key": (
+        lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y),
+        r"params\[1\] has keys \['gamma', 'weight'\]",
+        True,
+    ),
     "params wrong shape": (
         lambda p, s, x, y: (with_changes(p, 2, weight=np.zeros((100, 99), np.float32)), s, x, y),
         r"params\[2\]\['weight'\] has shape \(100, 99\), expected \(100, 100\)",
         True,
     ),
     "params wrong length": (lambda p, s, x, y: (p[:3], s, x, y), r"params must be a list of 4 layer dicts", True),
-    "params mixed dtypes": (lambda p, s, x, y: (with_changes(p, 3, bias=p[3]["bias"].astype(np.float64)), s, x, y), r"share one dtype", True),
+    "params mixed dtypes": (
+        lambda p, s, x, y: (with_changes(p, 3, bias=p[3]["bias"].astype(np.float64)), s, x, y),
+        r"share one dtype",
+        True,
+    ),
     "params float16": (
         lambda p, s, x, y: ([{k: v.astype(np.float16) for k, v in lyr.items()} for lyr in p], s, x, y),
         r"float32 or float64, got float16",

@@ -15,6 +15,7 @@ differ between the two call paths, the difference is rounding, ~1e-16 per step i
 from __future__ import annotations
 
 import inspect
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -33,14 +34,14 @@ N_TRAIN = 2048
 
 @pytest.fixture(scope="module")
 def data(mnist):
-    train_x, train_y, test_x, test_y = mnist
+    train_x, train_y, test_x, _test_y = mnist
     return train_x[:N_TRAIN], train_y[:N_TRAIN], test_x[:500]
 
 
 def make_pair(data, dtype, batch_norm, backend, seed=0):
     train_x, train_y, _ = data
     params = init_params(seed, dtype, batch_norm=batch_norm)
-    state = init_state(dtype) if batch_norm else []
+    state = init_state(dtype, batch_norm)
     images = train_x.astype(dtype)
     reference = Trainer(params, state, images, train_y, momentum=0.8, backend=backend)
     fast = FastTrainer(params, state, images, train_y, momentum=0.8, backend=backend)
@@ -59,12 +60,22 @@ def train_both(reference, fast, schedule, seed=0):
 
 
 def max_diff(tree_a, tree_b) -> float:
-    return max((float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
-                for a, b in zip(tree_a, tree_b) for k in a), default=0.0)
+    return max(
+        (
+            float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+            for a, b in zip(tree_a, tree_b)
+            for k in a
+        ),
+        default=0.0,
+    )
 
 
-CASES = [(dtype, batch_norm, backend) for dtype in ("float64", "float32") for batch_norm in (True, False)
-         for backend in ("numba", "numpy")]
+CASES = [
+    (dtype, batch_norm, backend)
+    for dtype in ("float64", "float32")
+    for batch_norm in (True, False)
+    for backend in ("numba", "numpy")
+]
 
 
 @pytest.mark.parametrize("dtype, batch_norm, backend", CASES)
@@ -88,8 +99,10 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("backend, whole_epoch, threaded", [("numba", True, True), ("numba", True, False),
-                                                       ("numba", False, False), ("numpy", False, False)])
+@pytest.mark.parametrize(
+    "backend, whole_epoch, threaded",
+    [("numba", True, True), ("numba", True, False), ("numba", False, False), ("numpy", False, False)],
+)
 def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch, threaded):
     """On one machine the fast path repeats the reference's operations exactly: the numba backend
     with a whole epoch in one call (its kernels and BLAS's jobs on numba's threads, or BLAS on its
@@ -114,8 +127,11 @@ def test_gemm_from_numba_is_numpys_matmul(dtype):
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((37, 53)).astype(dtype), rng.standard_normal((53, 29)).astype(dtype)
     d = rng.standard_normal((37, 29)).astype(dtype)
-    for kernel, a, b, expected in ((fused.matmul, x, w, x @ w), (fused.matmul_tn, x, d, x.T @ d),
-                                   (fused.matmul_nt, d, w, d @ w.T)):
+    for kernel, a, b, expected in (
+        (fused.matmul, x, w, x @ w),
+        (fused.matmul_tn, x, d, x.T @ d),
+        (fused.matmul_nt, d, w, d @ w.T),
+    ):
         out = np.full(expected.shape, np.nan, dtype)
         kernel(a, b, out)
         np.testing.assert_array_equal(out, expected)
@@ -174,8 +190,9 @@ def test_same_interface_as_the_reference_trainer():
     assert list(ref_params) == list(fast_params)
     assert all(fast_params[k].default == ref_params[k].default for k in ref_params)
     for name in public(Trainer):
-        assert list(inspect.signature(getattr(Trainer, name)).parameters) == \
-            list(inspect.signature(getattr(FastTrainer, name)).parameters), name
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == list(
+            inspect.signature(getattr(FastTrainer, name)).parameters
+        ), name
 
 
 @pytest.mark.parametrize(
@@ -215,12 +232,13 @@ def test_the_comparison_trains_the_numpy_side_with_the_fast_trainer(data):
     assert parse_args([]).reference_trainer is False and parse_args(["--reference-trainer"]).reference_trainer
 
 
-@pytest.mark.parametrize("n, parts, align", [(100, 2, 16), (128, 2, 1), (99_584, 2, 16), (100, 3, 16), (7, 2, 16),
-                                             (5, 1, 16)])
+@pytest.mark.parametrize(
+    "n, parts, align", [(100, 2, 16), (128, 2, 1), (99_584, 2, 16), (100, 3, 16), (7, 2, 16), (5, 1, 16)]
+)
 def test_part_bounds_cover_the_range_in_aligned_disjoint_parts(n, parts, align):
     bounds = [fused.part_bounds(n, part, parts, align) for part in range(parts)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(hi == next_lo for (_, hi), (next_lo, _) in zip(bounds, bounds[1:]))
+    assert all(hi == next_lo for (_, hi), (next_lo, _) in itertools.pairwise(bounds))
     assert all(lo <= hi for lo, hi in bounds)
     assert all(lo % align == 0 for lo, _ in bounds[1:] if lo < n)
 

@@ -32,11 +32,13 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_within_the_stated_ulp_of_numpys_exp(dtype):
     rng = np.random.default_rng(0)
     lowest = {np.float32: -110.0, np.float64: -760.0}[dtype]
-    x = np.concatenate([
-        -np.abs(rng.standard_normal(100_000) * 3),  # the sigmoid's range
-        rng.uniform(lowest, 0, 100_000),  # down through the subnormal results to 0
-        -np.abs(rng.standard_normal(10_000) * 1e-6),  # tiny |x|
-    ]).astype(dtype)
+    x = np.concatenate(
+        [
+            -np.abs(rng.standard_normal(100_000) * 3),  # the sigmoid's range
+            rng.uniform(lowest, 0, 100_000),  # down through the subnormal results to 0
+            -np.abs(rng.standard_normal(10_000) * 1e-6),  # tiny |x|
+        ]
+    ).astype(dtype)
     with np.errstate(all="ignore"):
         expected = np.exp(x)
     distance = ulp_distance(_apply(x), expected)

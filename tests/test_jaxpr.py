@@ -66,7 +66,7 @@ def test_collectives_inside_a_jit_are_found_and_phased_by_dataflow():
         return jax.lax.psum(out, BATCH_AXIS), dx
 
     closed = jax.make_jaxpr(fn, axis_env=[(BATCH_AXIS, 8)])(vector, vector, vector, vector)
-    assert [eqn.primitive.name for eqn in closed.jaxpr.eqns][0] != "psum"  # really nested
+    assert next(eqn.primitive.name for eqn in closed.jaxpr.eqns) != "psum"  # really nested
     found = find_collectives(closed)
     assert [c.phase for c in found] == [FORWARD, FORWARD, BACKWARD, BACKWARD, FORWARD]
 

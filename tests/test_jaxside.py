@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxside  # noqa: F401  (switches on 64-bit floats)
 from compare import contract, training
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
 from compare.init import init_params, init_state
@@ -140,7 +139,7 @@ def test_init_state(dtype):
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_loss_and_grads_and_predict_layout(dtype, batch_norm):
     params = init_params(0, dtype, batch_norm=batch_norm)
-    state = init_state(dtype) if batch_norm else []
+    state = init_state(dtype, batch_norm)
     images, labels = random_batch(0, dtype=np.float64)  # cast to the parameters' dtype inside
     loss, grads, new_state = loss_and_grads(params, state, images, labels)
 
@@ -179,9 +178,9 @@ def test_forward_pass_refuses_a_batch():
     params, state = to_jax(init_params(0, np.float64)), to_jax(init_state(np.float64))
     images, _ = random_batch(0)
     with pytest.raises(InputError, match=r"takes ONE image vector of shape \(784,\), got shape \(8, 784\)"):
-        forward_pass(params, jnp.asarray(images), state, train=False)
+        forward_pass(params, state, jnp.asarray(images), train=False)
     # one image is fine in eval mode
-    logits, _ = forward_pass(params, jnp.asarray(images[0]), state, train=False)
+    logits, _ = forward_pass(params, state, jnp.asarray(images[0]), train=False)
     assert logits.shape == (10,)
 
 
@@ -189,10 +188,10 @@ def test_forward_pass_train_mode_needs_vmap():
     params, state = to_jax(init_params(0, np.float64)), to_jax(init_state(np.float64))
     images, _ = random_batch(0)
     with pytest.raises(UnboundBatchAxisError, match=r"jax\.vmap\(\.\.\., axis_name='batch'\)") as info:
-        forward_pass(params, jnp.asarray(images[0]), state, train=True)
+        forward_pass(params, state, jnp.asarray(images[0]), train=True)
     assert isinstance(info.value, NameError)
     # ... and under vmap with that axis name it works
-    fn = jax.vmap(lambda x: forward_pass(params, x, state, train=True), axis_name="batch", out_axes=(0, None))
+    fn = jax.vmap(lambda x: forward_pass(params, state, x, train=True), axis_name="batch", out_axes=(0, None))
     logits, _ = fn(jnp.asarray(images))
     assert logits.shape == (BATCH, 10)
 
@@ -299,9 +298,11 @@ def test_eval_mode_is_per_example_train_mode_couples():
     assert np.abs(eval_changed[0] - logits[0]).max() > 1e-3
 
     jp, js = to_jax(params), to_jax(state)
-    train_logits = np.asarray(batched_forward(jp, jnp.asarray(images), js, train=True)[0])
-    np.testing.assert_allclose(train_logits, np_forward(params, state, images, train_mode=True)[0], rtol=1e-10, atol=1e-12)
-    train_changed = np.asarray(batched_forward(jp, jnp.asarray(changed), js, train=True)[0])
+    train_logits = np.asarray(batched_forward(jp, js, jnp.asarray(images), train=True)[0])
+    np.testing.assert_allclose(
+        train_logits, np_forward(params, state, images, train_mode=True)[0], rtol=1e-10, atol=1e-12
+    )
+    train_changed = np.asarray(batched_forward(jp, js, jnp.asarray(changed), train=True)[0])
     # every other example's logits move when example 0 changes: the coupling through pmean
     assert (np.abs(train_changed[1:] - train_logits[1:]).max(axis=1) > 1e-4).all()
 
@@ -335,7 +336,7 @@ def test_batch_norm_off():
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_gradients_match_central_differences(batch_norm):
     params = random_params(4, batch_norm=batch_norm)
-    state = init_state(np.float64) if batch_norm else []
+    state = init_state(np.float64, batch_norm)
     images, labels = random_batch(4)
     loss, grads, _ = loss_and_grads(params, state, images, labels)
     ref_loss = np_loss(np_forward(params, state, images, train_mode=True)[0], labels)
@@ -381,8 +382,15 @@ def test_short_training_run_lowers_loss(mnist):
     params, state = init_params(0, np.float32), init_state(np.float32)
     params_before = [{k: v.copy() for k, v in layer.items()} for layer in params]
     trainer, history = train(
-        params, state, data, epochs=2, batch_size=64,
-        lr=training.DEFAULT_LR, momentum=training.DEFAULT_MOMENTUM, seed=0, progress=False,
+        params,
+        state,
+        data,
+        epochs=2,
+        batch_size=64,
+        lr=training.DEFAULT_LR,
+        momentum=training.DEFAULT_MOMENTUM,
+        seed=0,
+        progress=False,
     )
     assert len(history.train_loss) == 2 and len(history.test_accuracy) == 2
     assert history.train_loss[1] < history.train_loss[0]
@@ -407,7 +415,6 @@ def _valid():
     params, state = init_params(0, np.float32), init_state(np.float32)
     images, labels = random_batch(0, n=4, dtype=np.float32)
     return params, state, images, labels
-
 
 
 def _nan(images):
@@ -451,7 +458,10 @@ BAD_INPUTS = {
     "label 10": (lambda p, s, x, y: (p, s, x, np.array([0, 10, 1, 2])), r"0\.\.9, found 10"),
     "label -1": (lambda p, s, x, y: (p, s, x, np.array([0, 1, -1, 2])), r"0\.\.9, found -1"),
     "batch of one": (lambda p, s, x, y: (p, s, x[:1], y[:1]), r"at least 2 examples, got 1"),
-    "missing key": (lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y), r"params\[1\] has keys \['gamma', 'weight'\]"),
+    "missing key": (
+        lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y),
+        r"params\[1\] has keys \['gamma', 'weight'\]",
+    ),
     "wrong shape": (
         lambda p, s, x, y: (with_changes(p, 2, weight=np.zeros((100, 99), np.float32)), s, x, y),
         r"params\[2\]\['weight'\] has shape \(100, 99\), expected \(100, 100\)",

@@ -481,7 +481,10 @@ def test_batchnorm_refuses_a_batch_of_one(backend):
         (lambda x, g, b: L.batchnorm_forward(x, g, b[None]), r"beta has shape \(1, 3\), expected \(3,\)"),
         (lambda x, g, b: L.batchnorm_forward(x[0], g, b), r"x must be 2-D, got shape \(3,\)"),
         (lambda x, g, b: L.batchnorm_forward(x, g.astype(np.float32), b), "gamma has dtype float32, expected float64"),
-        (lambda x, g, b: L.batchnorm_forward(x.astype(np.int64), g, b), "x must be float32 or float64, got dtype int64"),
+        (
+            lambda x, g, b: L.batchnorm_forward(x.astype(np.int64), g, b),
+            "x must be float32 or float64, got dtype int64",
+        ),
         (lambda x, g, b: L.batchnorm_eval(x, g, b, g, b[:1]), r"var has shape \(1,\), expected \(3,\)"),
         (lambda x, g, b: L.batchnorm_backward(x[:2], L.batchnorm_forward(x, g, b)[1]), r"dout has shape \(2, 3\)"),
         (lambda x, g, b: L.batchnorm_backward_staged(x.T, L.batchnorm_forward(x, g, b)[1]), r"dout has shape \(3, 4\)"),

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import os
 import re
-import shutil
 import struct
 import urllib.error
 from pathlib import Path
@@ -75,6 +74,7 @@ def isolated(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- real data
 
+
 def test_real_mnist_shapes_dtypes_ranges(real):
     xtr, ytr, xte, yte, source = real
     assert xtr.shape == (60000, 784) and xtr.dtype == np.float32
@@ -103,11 +103,19 @@ def test_real_arrays_are_cached_and_read_only(real):
 
 # ---------------------------------------------------------------- IDX parser
 
+
 @pytest.mark.parametrize("suffix", [".gz", ""])
-@pytest.mark.parametrize("code,dtype,shape", [
-    (0x08, np.uint8, (4, 3, 2)), (0x09, np.int8, (5,)), (0x0B, np.int16, (2, 3)),
-    (0x0C, np.int32, (3, 1, 2, 2)), (0x0D, np.float32, (7,)), (0x0E, np.float64, (2, 2)),
-])
+@pytest.mark.parametrize(
+    "code,dtype,shape",
+    [
+        (0x08, np.uint8, (4, 3, 2)),
+        (0x09, np.int8, (5,)),
+        (0x0B, np.int16, (2, 3)),
+        (0x0C, np.int32, (3, 1, 2, 2)),
+        (0x0D, np.float32, (7,)),
+        (0x0E, np.float64, (2, 2)),
+    ],
+)
 def test_read_idx_round_trip(tmp_path, suffix, code, dtype, shape):
     info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
     rng = np.random.default_rng(1)
@@ -119,14 +127,17 @@ def test_read_idx_round_trip(tmp_path, suffix, code, dtype, shape):
     np.testing.assert_array_equal(got, arr)
 
 
-@pytest.mark.parametrize("raw,problem", [
-    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x07", "bad IDX magic"),
-    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x07", "unknown IDX dtype code 0x07"),
-    (b"\x00\x00\x08\x00", "number of dimensions 0"),
-    (b"\x00\x00\x08\x09" + b"\x00\x00\x00\x01" * 9 + b"\x07", "number of dimensions 9"),
-    (b"\x00\x00", "too short for an IDX header"),
-    (b"\x00\x00\x08\x03\x00\x00\x00\x02", "truncated IDX header"),
-])
+@pytest.mark.parametrize(
+    "raw,problem",
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x07", "bad IDX magic"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x07", "unknown IDX dtype code 0x07"),
+        (b"\x00\x00\x08\x00", "number of dimensions 0"),
+        (b"\x00\x00\x08\x09" + b"\x00\x00\x00\x01" * 9 + b"\x07", "number of dimensions 9"),
+        (b"\x00\x00", "too short for an IDX header"),
+        (b"\x00\x00\x08\x03\x00\x00\x00\x02", "truncated IDX header"),
+    ],
+)
 def test_read_idx_bad_header(tmp_path, raw, problem):
     path = write(tmp_path / "bad-header.gz", raw)
     with pytest.raises(MnistError, match=named(path) + ".*" + re.escape(problem)):
@@ -194,8 +205,12 @@ def test_load_mnist_checks_shapes_and_labels(tmp_path, fake_files, monkeypatch):
     # right sizes, but a label of 10
     good = tmp_path / "sizes_ok"
     good.mkdir()
-    arrays = {"train_images": np.zeros((60000, 28, 28), np.uint8), "train_labels": np.full(60000, 10, np.uint8),
-              "test_images": np.zeros((10000, 28, 28), np.uint8), "test_labels": np.zeros(10000, np.uint8)}
+    arrays = {
+        "train_images": np.zeros((60000, 28, 28), np.uint8),
+        "train_labels": np.full(60000, 10, np.uint8),
+        "test_images": np.zeros((10000, 28, 28), np.uint8),
+        "test_labels": np.zeros(10000, np.uint8),
+    }
     files = {}
     for key, (name, _) in mnist.FILES.items():
         raw = idx_bytes(arrays[key])
@@ -207,6 +222,7 @@ def test_load_mnist_checks_shapes_and_labels(tmp_path, fake_files, monkeypatch):
 
 
 # ---------------------------------------------------------------- lookup order
+
 
 def dummy_dir(path: Path, names=NAMES) -> Path:
     path.mkdir(parents=True)
@@ -246,6 +262,7 @@ def test_bad_mnist_dir_env_is_an_error(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- download
+
 
 def test_download_real_files_via_file_url(isolated, monkeypatch):
     monkeypatch.setattr(mnist, "MIRRORS", ("file:///definitely/not/here/", REAL_DIR.resolve().as_uri() + "/"))
@@ -297,5 +314,7 @@ def test_offline_failure_message(isolated, monkeypatch):
 
 def test_unreachable_mirror_message(isolated, monkeypatch):
     monkeypatch.setattr(mnist, "MIRRORS", ("file:///no/such/mirror/",))
-    with pytest.raises(MnistError, match=r"(?s)download failed.*file:///no/such/mirror/train-images.*Fix: set MNIST_DIR"):
+    with pytest.raises(
+        MnistError, match=r"(?s)download failed.*file:///no/such/mirror/train-images.*Fix: set MNIST_DIR"
+    ):
         find_mnist_dir()

@@ -41,7 +41,6 @@ import numpy as np
 import pytest
 
 from compare import contract
-from compare.init import init_params
 from compare.metrics import max_rel_err
 from numpyside import layers as L
 from numpyside import model as M

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from compare.run import parse_args
@@ -18,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_quick(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "compare" / "run.py"), "--quick", "--no-progress", "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -44,7 +45,12 @@ def test_report_contents(quick_runs):
     assert report["passed"] is True and report["failures"] == []
     config = report["config"]
     assert (config["dtype"], config["epochs"], config["batch_size"], config["n_train"], config["n_test"]) == (
-        "float32", 2, 128, 4096, 1000)
+        "float32",
+        2,
+        128,
+        4096,
+        1000,
+    )
 
     quantities = [row["quantity"] for row in report["step0"]]
     # Every parameter's gradient and every running statistic is in the table.
