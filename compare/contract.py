@@ -15,8 +15,9 @@ constant added before it, so a bias there would have an identically zero gradien
 ``state`` is a list of 3 dicts ``{"mean": (100,), "var": (100,)}``: the running statistics that
 batch norm uses in eval mode. With batch norm off the state is an empty list.
 
-Every public entry point of both sides calls the ``check_*`` functions below, so that bad input
-is refused with an :class:`InputError` that names the problem, never silently computed on.
+Every public entry point of both sides (``model``, ``train``, ``equinox_model``) validates once,
+through :func:`check_inputs` (and :func:`check_backend` on the NumPy side): bad input is refused
+with an :class:`InputError` that names the problem; past that boundary the layers trust their input.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: The NumPy side's kernels for the elementwise and reduction work (the products are BLAS either way).
+BACKENDS = ("numpy", "numba")
+DEFAULT_BACKEND = "numba"
 
 
 class InputError(ValueError):
@@ -170,13 +175,48 @@ def check_training_batch_size(batch_size: int) -> None:
         )
 
 
-def check_training_set(params, state, images, labels) -> tuple[bool, np.dtype, np.ndarray, np.ndarray]:
-    """What every trainer checks once: the parameters, the state, and the training set.
+def check_backend(backend: str) -> None:
+    """The NumPy side's kernel choice: one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
-    Returns ``(batch_norm, dtype, images, labels)`` with the images cast to the parameters' dtype
-    and the labels to int32.
+
+def check_inputs(
+    params, state, images, labels=None, *, train: bool = False
+) -> tuple[bool, np.dtype, np.ndarray, np.ndarray | None]:
+    """The one check at every public entry point: parameters, state, images and (if given) labels.
+
+    With ``train=True`` and batch norm on, the batch must hold at least two examples. Returns
+    ``(batch_norm, dtype, images, labels)``: the images cast to the parameters' dtype (C-contiguous),
+    the labels as int32 (``None`` if none were given).
     """
     batch_norm, dtype = check_params(params)
     check_state(state, batch_norm, dtype)
     images = check_images(images, dtype)
-    return batch_norm, dtype, images, check_labels(labels, len(images))
+    if labels is not None:
+        labels = check_labels(labels, len(images))
+    if train and batch_norm:
+        check_training_batch_size(len(images))
+    return batch_norm, dtype, images, labels
+
+
+def check_batch_indices(batch_indices: Any, n_images: int, batch_norm: bool) -> np.ndarray:
+    """A trainer's epoch plan: ``(steps, batch)`` integer indices into its ``n_images`` training images.
+
+    Returns them as int32. With batch norm, a batch must hold at least two examples.
+    """
+    array = np.asarray(batch_indices)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"batch_indices must be a (steps, batch) integer array, got {array.dtype} {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= n_images):
+        raise InputError(
+            f"batch_indices must lie in 0..{n_images - 1} (the training images), found {array.min()}..{array.max()}"
+        )
+    if batch_norm:
+        check_training_batch_size(array.shape[1])
+    return array.astype(np.int32, copy=False)
+
+
+def check_training_set(params, state, images, labels) -> tuple[bool, np.dtype, np.ndarray, np.ndarray]:
+    """:func:`check_inputs` for a trainer's whole training set (its batches are checked where they are drawn)."""
+    return check_inputs(params, state, images, labels)

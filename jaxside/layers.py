@@ -1,17 +1,8 @@
-"""Per-example layers: each function sees ONE example, never a batch axis.
+r"""Per-example layers: each function sees ONE example, never a batch axis. Mirror: :mod:`numpyside.layers`.
 
-Side by side with :mod:`numpyside.layers` (which is batched and carries a handwritten backward
-under every forward):
-
-==========================  ==================================================
-``jaxside.layers``          ``numpyside.layers``
-==========================  ==================================================
-``linear``                  ``linear_forward`` / ``linear_backward``
-``batchnorm_train``         ``batchnorm_forward`` / ``batchnorm_backward``
-``batchnorm_eval``          ``batchnorm_eval``
-``sigmoid``                 ``sigmoid_forward`` / ``sigmoid_backward``
-``model.batch_loss``        ``softmax_cross_entropy``
-==========================  ==================================================
+``linear`` ↔ ``linear_forward``/``linear_backward``; ``batchnorm_train`` ↔ ``batchnorm_forward``/
+``batchnorm_backward``; ``batchnorm_eval`` ↔ ``batchnorm_eval``; ``sigmoid`` ↔ ``sigmoid_forward``/
+``sigmoid_backward``; ``cross_entropy`` ↔ ``softmax_cross_entropy_forward``/``softmax_cross_entropy_backward``.
 
 Here there is no backward: ``jax.grad`` derives it. The one place where an example needs the rest
 of the batch is batch norm's statistics, and it gets them only through collectives on the named
@@ -112,13 +103,13 @@ def batchnorm_train(
     eps: float = BN_EPS,
     axis_name: str = BATCH_AXIS,
 ) -> tuple[Float[Array, " n"], tuple[Float[Array, " n"], Float[Array, " n"]]]:
-    """Batch norm in training mode, per feature, seen from one example.
+    r"""Batch norm in training mode, per feature, seen from one example.
 
     .. math::
-        \\mu = \\tfrac1N \\sum_n x_n, \\quad
-        \\sigma^2 = \\tfrac1N \\sum_n (x_n - \\mu)^2 \\ (\\text{biased}), \\quad
-        \\hat x = (x - \\mu) / \\sqrt{\\sigma^2 + \\epsilon}, \\quad
-        y = \\gamma \\hat x + \\beta
+        \mu = \tfrac1N \sum_n x_n, \quad
+        \sigma^2 = \tfrac1N \sum_n (x_n - \mu)^2 \ (\text{biased}), \quad
+        \hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}, \quad
+        y = \gamma \hat x + \beta
 
     Both sums are ``pmean`` collectives over ``axis_name``. Returns ``y`` and the batch
     statistics ``(mu, sigma^2)`` (identical on every example), for the running statistics.
@@ -147,3 +138,13 @@ def batchnorm_eval(
 def sigmoid(x: Float[Array, " n"]) -> Float[Array, " n"]:
     """``1 / (1 + exp(-x))`` (``jax.nn.sigmoid`` is stable for large ``|x|``)."""
     return jax.nn.sigmoid(x)
+
+
+def cross_entropy(logits: Float[Array, " classes"], label: Int[Array, ""]) -> Float[Array, ""]:
+    r"""Softmax cross-entropy of ONE example's logits against its integer label.
+
+    .. math:: \ell(z, y) = -\log \mathrm{softmax}(z)_y = -\big(z_y - \log \textstyle\sum_j e^{z_j}\big)
+
+    (``jax.nn.log_softmax`` subtracts the maximum first, so any logits are safe.)
+    """
+    return -jax.nn.log_softmax(logits)[label]

@@ -4,7 +4,8 @@
 over a batch, and batch norm reaches across that batch only through ``pmean`` on the axis name.
 ``jax.grad`` of the vmapped loss gives the gradients. Mirror: :mod:`numpyside.model`.
 
-Public API (shared with ``numpyside.model``, same names, same meaning; NumPy in, NumPy out):
+Public API (shared with ``numpyside.model``, same names, argument order and meaning; NumPy in,
+NumPy out), validated by :func:`compare.contract.check_inputs`:
 
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
@@ -12,7 +13,6 @@ Public API (shared with ``numpyside.model``, same names, same meaning; NumPy in,
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from compare import contract
 from compare.contract import BN_MOMENTUM, InputError
-from jaxside.layers import BATCH_AXIS, batch_size, batchnorm_eval, batchnorm_train, linear, sigmoid
+from jaxside.layers import BATCH_AXIS, batch_size, batchnorm_eval, batchnorm_train, cross_entropy, linear, sigmoid
 
 Params = list[dict[str, Float[Array, "..."]]]
 State = list[dict[str, Float[Array, " n"]]]
@@ -90,25 +90,29 @@ def batched_forward(
 def batch_loss(
     params: Params, state: State, images: Float[Array, "batch x"], labels: Int[Array, " batch"]
 ) -> tuple[Float[Array, ""], State]:
-    """Mean cross-entropy over the batch (training mode), and the new running statistics.
+    r"""Mean cross-entropy over the batch (training mode) and the new running statistics.
 
-    ``L = -(1/B) sum_b log softmax(z_b)[y_b]``, written as in the seed: ``log_softmax`` of the
-    vmapped logits, then a vmapped ``getitem`` picks each example's label.
+    .. math:: L = -\tfrac1B \textstyle\sum_b \log \mathrm{softmax}(z_b)_{y_b}
+
+    Returns ``(loss, new_state)``.
     """
     logits, new_state = batched_forward(params, state, images, train=True)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jax.vmap(operator.getitem)(log_probs, labels)
-    return -picked.mean(), new_state
+    return jax.vmap(cross_entropy)(logits, labels).mean(), new_state
 
 
 @jax.jit
-def _loss_and_grads(params, state, images, labels):
+def batch_loss_and_grads(params: Params, state: State, images, labels) -> tuple[Float[Array, ""], Params, State]:
+    """:func:`batch_loss` and its ``jax.grad`` gradients, unchecked (jitted).
+
+    Returns ``(loss, grads, new_state)``; ``grads`` has the layout of ``params``.
+    """
     (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, state, images, labels)
     return loss, grads, new_state
 
 
 @jax.jit
-def _predict_logits(params, state, images):
+def eval_logits(params: Params, state: State, images: Float[Array, "batch x"]) -> Float[Array, "batch classes"]:
+    """Eval-mode logits ``(B, 10)`` (batch norm with the running statistics), unchecked (jitted)."""
     return batched_forward(params, state, images, train=False)[0]
 
 
@@ -122,11 +126,11 @@ def check_float64_enabled(dtype: np.dtype) -> None:
         )
 
 
-def _checked_inputs(params, state, images) -> tuple[bool, np.dtype, np.ndarray]:
-    batch_norm, dtype = contract.check_params(params)
-    check_float64_enabled(dtype)
-    contract.check_state(state, batch_norm, dtype)
-    return batch_norm, dtype, contract.check_images(images, dtype)
+def check_inputs(params, state, images, labels=None, *, train: bool = False):
+    """:func:`compare.contract.check_inputs`, plus: float64 needs JAX's 64-bit mode."""
+    checked = contract.check_inputs(params, state, images, labels, train=train)
+    check_float64_enabled(checked[1])
+    return checked
 
 
 def to_numpy(tree: Any) -> Any:
@@ -140,15 +144,12 @@ def loss_and_grads(params, state, images, labels) -> tuple[np.floating, list[dic
     Inputs may be NumPy or JAX arrays; outputs are NumPy. ``images`` are cast to the parameters'
     dtype. With batch norm off, ``state`` is ``[]`` and so is the returned state.
     """
-    batch_norm, _dtype, images = _checked_inputs(params, state, images)
-    labels = contract.check_labels(labels, images.shape[0])
-    if batch_norm:
-        contract.check_training_batch_size(images.shape[0])
-    loss, grads, new_state = _loss_and_grads(params, list(state or []), images, labels)
+    _, _, images, labels = check_inputs(params, state, images, labels, train=True)
+    loss, grads, new_state = batch_loss_and_grads(params, list(state or []), images, labels)
     return np.asarray(loss)[()], to_numpy(grads), to_numpy(new_state)
 
 
 def predict_logits(params, state, images) -> np.ndarray:
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
-    _, _, images = _checked_inputs(params, state, images)
-    return np.asarray(_predict_logits(params, list(state or []), images))
+    _, _, images, _ = check_inputs(params, state, images)
+    return np.asarray(eval_logits(params, list(state or []), images))

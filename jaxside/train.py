@@ -18,7 +18,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare import contract, training
-from jaxside.model import _predict_logits, batch_loss, check_float64_enabled, to_numpy
+from jaxside.model import batch_loss_and_grads, check_inputs, eval_logits, to_numpy
 
 
 def sgd_momentum(params, velocity, grads, lr, momentum):
@@ -48,9 +48,7 @@ def train_epoch(
     def step(carry, step_inputs):
         params, velocity, state = carry
         indices, lr = step_inputs
-        (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-            params, state, images[indices], labels[indices]
-        )
+        loss, grads, state = batch_loss_and_grads(params, state, images[indices], labels[indices])
         params, velocity = sgd_momentum(params, velocity, grads, lr, momentum)
         return (params, velocity, state), loss
 
@@ -61,7 +59,7 @@ def train_epoch(
 @jax.jit
 def predict_classes(params, state, images) -> Int[Array, " n"]:
     """Eval-mode predicted class of every image."""
-    return jnp.argmax(_predict_logits(params, state, images), axis=-1)
+    return jnp.argmax(eval_logits(params, state, images), axis=-1)
 
 
 class Trainer:
@@ -71,8 +69,7 @@ class Trainer:
     """
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float):
-        _, dtype, train_images, train_labels = contract.check_training_set(params, state, train_images, train_labels)
-        check_float64_enabled(dtype)
+        self.batch_norm, dtype, train_images, train_labels = check_inputs(params, state, train_images, train_labels)
         self.dtype = dtype
         self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), params)
         self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
@@ -106,6 +103,7 @@ class Trainer:
     def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
         """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
         return the per-step losses."""
+        batch_indices = contract.check_batch_indices(batch_indices, len(self.images), self.batch_norm)
         self.compile(*batch_indices.shape)
         self.params, self.velocity, self.state, losses = self._compiled[batch_indices.shape](
             *self._epoch_args(batch_indices, learning_rates)

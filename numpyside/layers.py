@@ -1,70 +1,26 @@
-"""Batched layers with handwritten backward passes (CS231n style): every ``*_forward`` returns
-``(out, cache)`` and its ``*_backward`` right below it turns ``dout = dL/dout`` and the cache into
-the gradients of the forward's inputs. No autodiff anywhere.
+r"""Batched layers with handwritten backward passes, CS231n style: every ``*_forward`` returns
+``(out, cache)`` and the ``*_backward`` right below it turns ``dout = dL/dout`` and the cache into
+the gradients of the forward's inputs. No autodiff anywhere. ``B`` = batch, ``n`` = features.
 
-Mirror of the per-example :mod:`jaxside.layers` (``B`` = batch, ``n`` = features):
+Mirror of the per-example :mod:`jaxside.layers`: ``linear`` ↔ ``linear_forward``/``linear_backward``,
+``batchnorm_train`` ↔ ``batchnorm_forward``/``batchnorm_backward`` (and ``batchnorm_backward_staged``,
+node by node), ``batchnorm_eval`` ↔ ``batchnorm_eval``, ``sigmoid`` ↔ ``sigmoid_forward``/``sigmoid_backward``,
+``cross_entropy`` ↔ ``softmax_cross_entropy_forward``/``softmax_cross_entropy_backward``.
 
-==========================  ==================================================
-``jaxside.layers``          ``numpyside.layers``
-==========================  ==================================================
-``linear``                  ``linear_forward`` / ``linear_backward``
-``batchnorm_train``         ``batchnorm_forward`` / ``batchnorm_backward``
-                            (and ``batchnorm_backward_staged``, node by node)
-``batchnorm_eval``          ``batchnorm_eval``
-``sigmoid``                 ``sigmoid_forward`` / ``sigmoid_backward``
-``model.batch_loss``        ``softmax_cross_entropy``
-==========================  ==================================================
-
-Every function keeps the dtype of its input (float32 or float64; mixing them is refused rather
-than silently upcast). The elementwise and reduction work has two backends: ``"numpy"`` (plain
-NumPy ufuncs) and ``"numba"`` (the fused kernels of :mod:`numpyside.kernels`), which agree to
-within ``numpyside.kernels.TOLERANCE`` (bit for bit except where ``exp``/``log`` are involved).
-Matrix products always go to NumPy/BLAS.
-
-Bad input (shapes that do not agree, wrong dtypes, labels out of range, an unknown backend, a
-training batch of one) raises :class:`compare.contract.InputError` naming the problem. The checks
-look at shapes and dtypes only (plus the label range), so they cost microseconds.
+Outputs keep the input's dtype. ``backend="numba"`` runs the elementwise and reduction work in the
+kernels of :mod:`numpyside.kernels`, ``"numpy"`` in NumPy ufuncs (they agree to
+``numpyside.kernels.TOLERANCE``); matrix products are BLAS either way. The layers trust their input:
+it is validated once, at the public boundary (:func:`compare.contract.check_inputs`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from compare.contract import BN_EPS, SUPPORTED_DTYPES, InputError, check_training_batch_size
+from compare.contract import BN_EPS, DEFAULT_BACKEND
 from numpyside import kernels
-
-BACKENDS = ("numpy", "numba")
-
-
-# --------------------------------------------------------------------------------------------
-# input checks (shapes and dtypes only)
-# --------------------------------------------------------------------------------------------
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(map(repr, BACKENDS))}")
-
-
-def _float_array(name: str, value: Any, ndim: int | None = None) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype not in SUPPORTED_DTYPES:
-        raise InputError(f"{name} must be float32 or float64, got dtype {array.dtype}")
-    if ndim is not None and array.ndim != ndim:
-        raise InputError(f"{name} must be {ndim}-D, got shape {array.shape}")
-    return array
-
-
-def _like(name: str, value: Any, shape: tuple[int, ...], dtype: np.dtype, against: str) -> np.ndarray:
-    """``value`` as an array of exactly ``shape`` and ``dtype`` (those of ``against``), or InputError."""
-    array = np.asarray(value)
-    if array.shape != shape:
-        raise InputError(f"{name} has shape {array.shape}, expected {shape} to match {against}")
-    if array.dtype != dtype:
-        raise InputError(f"{name} has dtype {array.dtype}, expected {dtype} like {against} (no silent casting)")
-    return array
 
 
 def _c(array: np.ndarray) -> np.ndarray:
@@ -90,15 +46,8 @@ def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
     ``bias=None`` leaves out ``+ b``. Returns ``out`` (B, n_out) and the cache for
     :func:`linear_backward`.
     """
-    x = _float_array("x", x, ndim=2)
-    weight = _float_array("weight", weight, ndim=2)
-    if weight.shape[0] != x.shape[1]:
-        raise InputError(f"weight has shape {weight.shape}: its first axis must be x's feature count {x.shape[1]}")
-    if weight.dtype != x.dtype:
-        raise InputError(f"weight has dtype {weight.dtype} but x is {x.dtype} (no silent casting)")
     out = x @ weight
     if bias is not None:
-        bias = _like("bias", bias, (weight.shape[1],), x.dtype, "weight's output axis")
         out += bias
     return out, LinearCache(x, weight, bias is not None)
 
@@ -116,7 +65,6 @@ def linear_backward(
     ``need_dx=False`` (the first layer, whose input is the images) ``dx`` is not computed and is None.
     """
     x, weight, has_bias = cache
-    dout = _like("dout", dout, (x.shape[0], weight.shape[1]), x.dtype, "the forward's output")
     dx = dout @ weight.T if need_dx else None
     dweight = x.T @ dout
     dbias = dout.sum(axis=0) if has_bias else None
@@ -141,16 +89,8 @@ class BatchNormCache(NamedTuple):
     eps: np.floating  # in x's dtype
 
 
-def _check_batchnorm_params(x, gamma, beta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x = _float_array("x", x, ndim=2)
-    shape = (x.shape[1],)
-    gamma = _like("gamma", gamma, shape, x.dtype, "x's features")
-    beta = _like("beta", beta, shape, x.dtype, "x's features")
-    return x, gamma, beta
-
-
 def batchnorm_forward(
-    x, gamma, beta, eps: float = BN_EPS, *, backend: str = "numpy"
+    x, gamma, beta, eps: float = BN_EPS, *, backend: str = DEFAULT_BACKEND
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch norm in training mode: per-feature statistics over the batch (axis 0).
 
@@ -165,9 +105,6 @@ def batchnorm_forward(
     ``out`` (B, n) and a :class:`BatchNormCache`, whose ``mean`` and ``var`` feed the running
     statistics.
     """
-    _check_backend(backend)
-    x, gamma, beta = _check_batchnorm_params(x, gamma, beta)
-    check_training_batch_size(x.shape[0])
     eps = x.dtype.type(eps)
     if backend == "numba":
         out, mean, centered, var, inv_std, x_hat = kernels.batchnorm_forward(_c(x), _c(gamma), _c(beta), eps)
@@ -182,7 +119,7 @@ def batchnorm_forward(
 
 
 def batchnorm_backward(
-    dout, cache: BatchNormCache, *, backend: str = "numpy"
+    dout, cache: BatchNormCache, *, backend: str = DEFAULT_BACKEND
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of :func:`batchnorm_forward`, compact closed form; ``dout`` (B, n).
 
@@ -202,8 +139,6 @@ def batchnorm_backward(
 
     Returns ``(dx, dgamma, dbeta)``: (B, n), (n,), (n,).
     """
-    _check_backend(backend)
-    dout = _like("dout", dout, cache.x.shape, cache.x.dtype, "the forward's output")
     n_rows = dout.shape[0]
     if backend == "numba":
         return kernels.batchnorm_backward(_c(dout), _c(cache.x_hat), _c(cache.gamma), _c(cache.inv_std))
@@ -232,7 +167,6 @@ def batchnorm_backward_staged(dout, cache: BatchNormCache) -> tuple[np.ndarray, 
     :func:`batchnorm_backward` (which uses ``sum_b centered_b = 0``); pure NumPy, for reading.
     Returns ``(dx, dgamma, dbeta)``: (B, n), (n,), (n,).
     """
-    dout = _like("dout", dout, cache.x.shape, cache.x.dtype, "the forward's output")
     n_rows = dout.shape[0]
     centered, inv_std, x_hat, gamma = cache.centered, cache.inv_std, cache.x_hat, cache.gamma
     # out = gamma * x_hat + beta
@@ -261,7 +195,7 @@ def batchnorm_backward_staged(dout, cache: BatchNormCache) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------------------------
 
 
-def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: str = "numpy") -> np.ndarray:
+def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Batch norm in eval mode with the running statistics ``mean, var`` (n,); ``x`` (B, n).
 
     .. math::
@@ -269,10 +203,6 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: s
 
     Mirrors ``jaxside.layers.batchnorm_eval``. No batch coupling (any B, also 1). Returns (B, n).
     """
-    _check_backend(backend)
-    x, gamma, beta = _check_batchnorm_params(x, gamma, beta)
-    mean = _like("mean", mean, gamma.shape, x.dtype, "x's features")
-    var = _like("var", var, gamma.shape, x.dtype, "x's features")
     eps = x.dtype.type(eps)
     if backend == "numba":
         return kernels.batchnorm_eval(_c(x), _c(gamma), _c(beta), _c(mean), _c(var), eps)
@@ -285,7 +215,7 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: s
 # --------------------------------------------------------------------------------------------
 
 
-def sigmoid_forward(x, *, backend: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
+def sigmoid_forward(x, *, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, np.ndarray]:
     """Logistic function, elementwise, any shape (here (B, n)).
 
     .. math::
@@ -297,8 +227,6 @@ def sigmoid_forward(x, *, backend: str = "numpy") -> tuple[np.ndarray, np.ndarra
     underflows to 0 (the intended result, not reported) and ``s`` is exactly 1 or 0. Returns
     ``s`` and the cache (``s`` itself).
     """
-    _check_backend(backend)
-    x = _float_array("x", x)
     if backend == "numba":
         out = kernels.sigmoid(_c(x).reshape(-1)).reshape(x.shape)
     else:
@@ -308,16 +236,14 @@ def sigmoid_forward(x, *, backend: str = "numpy") -> tuple[np.ndarray, np.ndarra
     return out, out
 
 
-def sigmoid_backward(dout, cache: np.ndarray, *, backend: str = "numpy") -> np.ndarray:
+def sigmoid_backward(dout, cache: np.ndarray, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Backward of :func:`sigmoid_forward`: ``ds/dx = s (1 - s)``.
 
     .. math:: dx = dout\\ s\\ (1 - s)
 
     ``dout`` has the forward's shape; returns ``dx`` of that shape.
     """
-    _check_backend(backend)
     s = cache
-    dout = _like("dout", dout, s.shape, s.dtype, "the forward's output")
     if backend == "numba":
         return kernels.sigmoid_backward(_c(dout).reshape(-1), _c(s).reshape(-1)).reshape(s.shape)
     with np.errstate(under="ignore"):  # s ~ 1e-300 far out on the left: dout * s may underflow to 0
@@ -329,42 +255,56 @@ def sigmoid_backward(dout, cache: np.ndarray, *, backend: str = "numpy") -> np.n
 # --------------------------------------------------------------------------------------------
 
 
-def softmax_cross_entropy(logits, labels, *, backend: str = "numpy") -> tuple[np.floating, np.ndarray]:
-    """Mean softmax cross-entropy of ``logits`` (B, C) against integer ``labels`` (B,) in 0..C-1.
+class SoftmaxCrossEntropyCache(NamedTuple):
+    probs: np.ndarray  # (B, C) softmax(z), or with backend="numba" already dL/dz (see the forward)
+    labels: np.ndarray  # (B,)
+    is_gradient: bool  # True when ``probs`` already holds dL/dz (the numba kernel computes both)
+
+
+def softmax_cross_entropy_forward(
+    logits, labels, *, backend: str = DEFAULT_BACKEND
+) -> tuple[np.floating, SoftmaxCrossEntropyCache]:
+    r"""Mean softmax cross-entropy of ``logits`` (B, C) against integer ``labels`` (B,) in 0..C-1.
 
     .. math::
-        L = -\\frac1B \\sum_b \\log \\mathrm{softmax}(z_b)_{y_b}, \\qquad
-        \\log \\mathrm{softmax}(z)_y = (z_y - m) - \\log \\textstyle\\sum_j e^{z_j - m}, \\quad m = \\max_j z_j
-
-        \\frac{\\partial L}{\\partial z_b} = \\frac{\\mathrm{softmax}(z_b) - \\mathrm{onehot}(y_b)}{B}
+        L = -\frac1B \sum_b \log \mathrm{softmax}(z_b)_{y_b}, \qquad
+        \log \mathrm{softmax}(z)_y = (z_y - m) - \log \textstyle\sum_j e^{z_j - m}, \quad m = \max_j z_j
 
     Subtracting the row maximum keeps every ``exp`` in (0, 1] (stable for logits of any size).
-    Returns ``(loss, dlogits)``: a NumPy scalar and (B, C), both of the logits' dtype.
+    Returns ``loss`` (a NumPy scalar of the logits' dtype) and the cache for the backward.
     """
-    _check_backend(backend)
-    logits = _float_array("logits", logits, ndim=2)
-    n_rows, n_classes = logits.shape
-    if n_rows == 0 or n_classes == 0:
-        raise InputError(f"logits has shape {logits.shape}: need at least one example and one class")
-    labels = np.asarray(labels)
-    if labels.shape != (n_rows,):
-        raise InputError(f"labels must have shape ({n_rows},) to match the logits, got {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"labels must be integers, got dtype {labels.dtype}")
-    low, high = labels.min(), labels.max()
-    if low < 0 or high >= n_classes:
-        bad = low if low < 0 else high
-        raise InputError(f"labels must lie in 0..{n_classes - 1}, found {int(bad)}")
-    if backend == "numba":
+    n_rows = logits.shape[0]
+    if backend == "numba":  # one kernel pass gives the loss and dL/dz together
         loss, dlogits = kernels.softmax_cross_entropy(_c(logits), labels.astype(np.intp, copy=False))
-        return logits.dtype.type(loss), dlogits
+        return logits.dtype.type(loss), SoftmaxCrossEntropyCache(dlogits, labels, True)
     with np.errstate(under="ignore"):
         shifted = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(shifted)
         sums = e.sum(axis=1, keepdims=True)
-        rows = np.arange(n_rows)
-        loss = -(shifted[rows, labels] - np.log(sums[:, 0])).mean()
-        dlogits = e / sums
-        dlogits[rows, labels] -= 1
+        loss = -(shifted[np.arange(n_rows), labels] - np.log(sums[:, 0])).mean()
+        probs = e / sums
+    return loss, SoftmaxCrossEntropyCache(probs, labels, False)
+
+
+def softmax_cross_entropy_backward(dloss, cache: SoftmaxCrossEntropyCache) -> np.ndarray:
+    r"""Backward of :func:`softmax_cross_entropy_forward`; ``dloss`` is the scalar ``dL_total/dL``.
+
+    .. math:: \frac{\partial L}{\partial z_b} = \frac{\mathrm{softmax}(z_b) - \mathrm{onehot}(y_b)}{B}
+
+    Returns ``dlogits`` (B, C) of the logits' dtype (for ``dloss = 1`` the multiplication is exact).
+    """
+    probs, labels, is_gradient = cache
+    if is_gradient:
+        return probs * probs.dtype.type(dloss)
+    n_rows = probs.shape[0]
+    with np.errstate(under="ignore"):
+        dlogits = probs.copy()
+        dlogits[np.arange(n_rows), labels] -= 1
         dlogits /= n_rows
-    return loss, dlogits
+        return dlogits * dlogits.dtype.type(dloss)
+
+
+def softmax_cross_entropy(logits, labels, *, backend: str = DEFAULT_BACKEND) -> tuple[np.floating, np.ndarray]:
+    """Forward and backward together (CS231n's ``softmax_loss``): ``(loss, dL/dlogits)``."""
+    loss, cache = softmax_cross_entropy_forward(logits, labels, backend=backend)
+    return loss, softmax_cross_entropy_backward(1, cache)

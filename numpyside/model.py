@@ -4,13 +4,13 @@ Where ``jaxside`` writes the network for one example and lets ``vmap`` add the b
 the backward, this module takes the whole batch ``(B, 784)`` and runs the layers' handwritten
 backward passes (:mod:`numpyside.layers`) in reverse order.
 
-Public API (same names, signatures and meaning as ``jaxside.model``; NumPy in, NumPy out):
+Public API (same names, argument order and meaning as ``jaxside.model``; NumPy in, NumPy out),
+validated by :func:`compare.contract.check_inputs`:
 
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
 
-Both take a keyword-only ``backend="numpy" | "numba"`` that selects the elementwise/reduction kernels
-(the matrix products are BLAS either way).
+Both take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from compare import contract
-from compare.contract import BN_MOMENTUM, InputError
+from compare.contract import BN_MOMENTUM, DEFAULT_BACKEND, check_backend
 from numpyside.layers import (
-    BACKENDS,
     batchnorm_backward,
     batchnorm_eval,
     batchnorm_forward,
@@ -28,10 +27,12 @@ from numpyside.layers import (
     linear_forward,
     sigmoid_backward,
     sigmoid_forward,
-    softmax_cross_entropy,
+    softmax_cross_entropy_backward,
+    softmax_cross_entropy_forward,
 )
 
-DEFAULT_BACKEND = "numba"
+#: Old private name of :func:`compare.contract.check_backend`, still imported by ``numpyside.fast``.
+_check_backend = check_backend
 
 
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int) -> dict:
@@ -96,22 +97,37 @@ def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEN
 
 
 def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
-    """Mean cross-entropy over the batch (training mode), its gradient w.r.t. the logits, the new
-    running statistics, and the caches: ``L = -(1/B) sum_b log softmax(z_b)[y_b]``."""
+    r"""Mean cross-entropy over the batch (training mode) and the new running statistics.
+
+    .. math:: L = -\tfrac1B \textstyle\sum_b \log \mathrm{softmax}(z_b)_{y_b}
+
+    Returns ``(loss, new_state)``.
+    """
+    logits, new_state, _ = forward(params, state, images, train=True, backend=backend)
+    loss, _ = softmax_cross_entropy_forward(logits, labels, backend=backend)
+    return loss, new_state
+
+
+def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+    """:func:`batch_loss` and its gradients (the forward's layers in reverse), unchecked.
+
+    Returns ``(loss, grads, new_state)``; ``grads`` has the layout of ``params``.
+    """
     logits, new_state, caches = forward(params, state, images, train=True, backend=backend)
-    loss, dlogits = softmax_cross_entropy(logits, labels, backend=backend)
-    return loss, dlogits, new_state, caches
+    loss, loss_cache = softmax_cross_entropy_forward(logits, labels, backend=backend)
+    dlogits = softmax_cross_entropy_backward(1, loss_cache)
+    return loss, backward(dlogits, caches, backend=backend), new_state
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def eval_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+    """Eval-mode logits ``(B, 10)`` (batch norm with the running statistics), unchecked."""
+    return forward(params, state, images, train=False, backend=backend)[0]
 
 
-def _checked_inputs(params, state, images) -> tuple[bool, np.dtype, np.ndarray]:
-    batch_norm, dtype = contract.check_params(params)
-    contract.check_state(state, batch_norm, dtype)
-    return batch_norm, dtype, contract.check_images(images, dtype)
+def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_BACKEND):
+    """:func:`compare.contract.check_inputs`, plus: ``backend`` must be one of ``BACKENDS``."""
+    check_backend(backend)
+    return contract.check_inputs(params, state, images, labels, train=train)
 
 
 def _as_numpy(tree):
@@ -125,18 +141,11 @@ def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACK
     ``images`` are cast to the parameters' dtype. With batch norm off, ``state`` is ``[]`` and so
     is the returned state.
     """
-    _check_backend(backend)
-    batch_norm, _dtype, images = _checked_inputs(params, state, images)
-    labels = contract.check_labels(labels, images.shape[0])
-    if batch_norm:
-        contract.check_training_batch_size(images.shape[0])
-    params, state = _as_numpy(params), _as_numpy(state or [])
-    loss, dlogits, new_state, caches = batch_loss(params, state, images, labels, backend=backend)
-    return loss, backward(dlogits, caches, backend=backend), new_state
+    _, _, images, labels = check_inputs(params, state, images, labels, train=True, backend=backend)
+    return batch_loss_and_grads(_as_numpy(params), _as_numpy(state or []), images, labels, backend=backend)
 
 
 def predict_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
-    _check_backend(backend)
-    _, _, images = _checked_inputs(params, state, images)
-    return forward(_as_numpy(params), _as_numpy(state or []), images, train=False, backend=backend)[0]
+    _, _, images, _ = check_inputs(params, state, images, backend=backend)
+    return eval_logits(_as_numpy(params), _as_numpy(state or []), images, backend=backend)

@@ -1,6 +1,7 @@
 """Training the handwritten model: SGD with momentum, one Python loop over an epoch's batches.
 
 Mirror: :mod:`jaxside.train` (same ``Trainer`` interface, same update rule, same batch order).
+Inputs are validated once, by the ``Trainer`` (:mod:`compare.contract`).
 The SGD update works in place on the parameter and velocity buffers.
 """
 
@@ -11,7 +12,8 @@ import time
 import numpy as np
 
 from compare import contract
-from numpyside.model import DEFAULT_BACKEND, _check_backend, backward, batch_loss, forward
+from compare.contract import DEFAULT_BACKEND
+from numpyside.model import batch_loss_and_grads, check_inputs, eval_logits
 
 
 def sgd_momentum(params, velocity, grads, lr, momentum) -> None:
@@ -32,8 +34,7 @@ def train_epoch(params, velocity, state, images, labels, batch_indices, learning
     """
     losses = np.empty(len(batch_indices), dtype=images.dtype)
     for k, (indices, lr) in enumerate(zip(batch_indices, learning_rates)):
-        loss, dlogits, state, caches = batch_loss(params, state, images[indices], labels[indices], backend=backend)
-        grads = backward(dlogits, caches, backend=backend)
+        loss, grads, state = batch_loss_and_grads(params, state, images[indices], labels[indices], backend=backend)
         sgd_momentum(params, velocity, grads, lr, momentum)
         losses[k] = loss
     return state, losses
@@ -46,8 +47,9 @@ class Trainer:
     """
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
-        _check_backend(backend)
-        _, dtype, self.images, self.labels = contract.check_training_set(params, state, train_images, train_labels)
+        self.batch_norm, dtype, self.images, self.labels = check_inputs(
+            params, state, train_images, train_labels, backend=backend
+        )
         self.dtype = dtype
         self.backend = backend
         self.params = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in params]
@@ -60,16 +62,14 @@ class Trainer:
         starts (nothing is updated); return the seconds it took."""
         start = time.perf_counter()
         indices = np.arange(batch_size) % len(self.images)
-        _, dlogits, _, caches = batch_loss(
-            self.params, self.state, self.images[indices], self.labels[indices], backend=self.backend
-        )
-        backward(dlogits, caches, backend=self.backend)
+        batch_loss_and_grads(self.params, self.state, self.images[indices], self.labels[indices], backend=self.backend)
         self.predict(self.images[:2])
         return time.perf_counter() - start
 
     def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
         """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
         return the per-step losses."""
+        batch_indices = contract.check_batch_indices(batch_indices, len(self.images), self.batch_norm)
         self.state, losses = train_epoch(
             self.params,
             self.velocity,
@@ -86,8 +86,7 @@ class Trainer:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode class predictions for ``images``."""
         images = contract.check_images(images, self.dtype)
-        logits = forward(self.params, self.state, images, train=False, backend=self.backend)[0]
-        return np.argmax(logits, axis=-1)
+        return np.argmax(eval_logits(self.params, self.state, images, backend=self.backend), axis=-1)
 
     def params_numpy(self):
         return [{k: v.copy() for k, v in layer.items()} for layer in self.params]

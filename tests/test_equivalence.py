@@ -460,6 +460,8 @@ BAD_INPUTS = {
     "label -1": (lambda p, s, x, y: (p, s, x, np.array([0, 1, -1, 2])), r"0\.\.9, found -1", False),
     "labels float": (lambda p, s, x, y: (p, s, x, y.astype(np.float64)), r"labels must be integers", False),
     "labels wrong length": (lambda p, s, x, y: (p, s, x, y[:3]), r"labels must have shape \(4,\).*got \(3,\)", False),
+    "labels 2-D": (lambda p, s, x, y: (p, s, x, y[None]), r"labels must have shape \(4,\).*got \(1, 4\)", False),
+    "labels bool": (lambda p, s, x, y: (p, s, x, y > 1), r"labels must be integers, got dtype bool", False),
     "params missing key": (
         lambda p, s, x, y: (with_changes(p, 1, beta=None), s, x, y),
         r"params\[1\] has keys \['gamma', 'weight'\]",
@@ -485,6 +487,11 @@ BAD_INPUTS = {
     "state wrong shape": (
         lambda p, s, x, y: (p, with_changes(s, 1, mean=np.zeros(99, np.float32)), x, y),
         r"state\[1\]\['mean'\] has shape \(99,\), expected \(100,\)",
+        True,
+    ),
+    "state wrong dtype": (
+        lambda p, s, x, y: (p, with_changes(s, 0, var=s[0]["var"].astype(np.float64)), x, y),
+        r"state\[0\]\['var'\] has dtype float64, parameters are float32",
         True,
     ),
     "state given with bn off": (
@@ -531,12 +538,50 @@ def test_valid_input_passes_on_both_sides():
     assert np.isfinite(loss_n) and abs(loss_n - loss_j) <= 1e-5
 
 
+#: Every trainer, built on a (possibly broken) training set.
+TRAINERS = {
+    "jax": lambda p, s, x, y: JaxTrainer(p, s, x, y, momentum=0.9),
+    **{f"numpy-{b}": lambda p, s, x, y, b=b: NumpyTrainer(p, s, x, y, momentum=0.9, backend=b) for b in BACKENDS},
+}
+
+
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+@pytest.mark.parametrize("case", [case for case in BAD_INPUTS if "batch of one" not in case])
+def test_bad_training_set_is_refused_by_every_trainer(case, trainer):
+    """The same boundary guards the trainers (a batch of one is a matter of the epoch plan, below)."""
+    breaks, match, _ = BAD_INPUTS[case]
+    error = _raised(TRAINERS[trainer], *breaks(*_valid()))
+    assert type(error) is InputError and re.search(match, str(error)), (str(error), match)
+
+
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+@pytest.mark.parametrize(
+    "batch_indices, match",
+    [
+        (np.array([[0], [1]]), r"at least 2 examples, got 1"),
+        (np.array([[0, 4]]), r"batch_indices must lie in 0\.\.3 .*found 0\.\.4"),
+        (np.array([[-1, 2]]), r"batch_indices must lie in 0\.\.3 .*found -1\.\.2"),
+        (np.array([0, 1]), r"batch_indices must be a \(steps, batch\) integer array"),
+        (np.array([[0.0, 1.0]]), r"batch_indices must be a \(steps, batch\) integer array"),
+    ],
+)
+def test_bad_epoch_plan_is_refused_by_every_trainer(trainer, batch_indices, match):
+    """Out-of-range indices would be clamped silently by JAX's gather, and a batch of one has no variance."""
+    trainer = TRAINERS[trainer](*_valid())
+    before = trainer.params_numpy()
+    error = _raised(trainer.epoch, batch_indices, np.full(len(batch_indices), 0.1))
+    assert re.search(match, str(error)), (str(error), match)
+    for a, b in zip(before, trainer.params_numpy()):  # refused before anything was updated
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "NumPy", "", None])
 def test_unknown_backend_is_refused(backend):
     params, state, images, labels = _valid()
     for call in (
         lambda: N.loss_and_grads(params, state, images, labels, backend=backend),
         lambda: N.predict_logits(params, state, images, backend=backend),
+        lambda: NumpyTrainer(params, state, images, labels, momentum=0.9, backend=backend),
     ):
         error = _raised(call)
         assert "backend must be one of ('numpy', 'numba')" in str(error) and repr(backend) in str(error)
