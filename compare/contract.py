@@ -200,21 +200,25 @@ def check_inputs(
     return batch_norm, dtype, images, labels
 
 
-def check_batch_indices(batch_indices: Any, n_images: int, batch_norm: bool) -> np.ndarray:
-    """A trainer's epoch plan: ``(steps, batch)`` integer indices into its ``n_images`` training images.
+def check_epoch_plan(batch_indices: Any, learning_rates: Any, n_images: int, batch_norm: bool, dtype: np.dtype):
+    """A trainer's epoch: ``(steps, batch)`` integer indices into its ``n_images`` training images and
+    one learning rate per step. With batch norm, a batch must hold at least two examples.
 
-    Returns them as int32. With batch norm, a batch must hold at least two examples.
+    Returns the indices as int32 and the learning rates in ``dtype``.
     """
-    array = np.asarray(batch_indices)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"batch_indices must be a (steps, batch) integer array, got {array.dtype} {array.shape}")
-    if array.size and (array.min() < 0 or array.max() >= n_images):
+    indices = np.asarray(batch_indices)
+    if indices.ndim != 2 or not np.issubdtype(indices.dtype, np.integer):
+        raise InputError(f"batch_indices must be a (steps, batch) integer array, got {indices.dtype} {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_images):
         raise InputError(
-            f"batch_indices must lie in 0..{n_images - 1} (the training images), found {array.min()}..{array.max()}"
+            f"batch_indices must lie in 0..{n_images - 1} (the training images), found {indices.min()}..{indices.max()}"
         )
     if batch_norm:
-        check_training_batch_size(array.shape[1])
-    return array.astype(np.int32, copy=False)
+        check_training_batch_size(indices.shape[1])
+    rates = np.asarray(learning_rates, dtype)
+    if rates.shape != (indices.shape[0],):
+        raise InputError(f"learning_rates must hold one rate per step, shape ({indices.shape[0]},), got {rates.shape}")
+    return indices.astype(np.int32, copy=False), rates
 
 
 def check_training_set(params, state, images, labels) -> tuple[bool, np.dtype, np.ndarray, np.ndarray]:

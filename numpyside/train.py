@@ -69,7 +69,9 @@ class Trainer:
     def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
         """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
         return the per-step losses."""
-        batch_indices = contract.check_batch_indices(batch_indices, len(self.images), self.batch_norm)
+        batch_indices, learning_rates = contract.check_epoch_plan(
+            batch_indices, learning_rates, len(self.images), self.batch_norm, self.dtype
+        )
         self.state, losses = train_epoch(
             self.params,
             self.velocity,
@@ -77,7 +79,7 @@ class Trainer:
             self.images,
             self.labels,
             batch_indices,
-            np.asarray(learning_rates, self.dtype),
+            learning_rates,
             self.momentum,
             backend=self.backend,
         )

@@ -556,20 +556,22 @@ def test_bad_training_set_is_refused_by_every_trainer(case, trainer):
 
 @pytest.mark.parametrize("trainer", list(TRAINERS))
 @pytest.mark.parametrize(
-    "batch_indices, match",
+    "batch_indices, n_rates, match",
     [
-        (np.array([[0], [1]]), r"at least 2 examples, got 1"),
-        (np.array([[0, 4]]), r"batch_indices must lie in 0\.\.3 .*found 0\.\.4"),
-        (np.array([[-1, 2]]), r"batch_indices must lie in 0\.\.3 .*found -1\.\.2"),
-        (np.array([0, 1]), r"batch_indices must be a \(steps, batch\) integer array"),
-        (np.array([[0.0, 1.0]]), r"batch_indices must be a \(steps, batch\) integer array"),
+        (np.array([[0], [1]]), 2, r"at least 2 examples, got 1"),
+        (np.array([[0, 4]]), 1, r"batch_indices must lie in 0\.\.3 .*found 0\.\.4"),
+        (np.array([[-1, 2]]), 1, r"batch_indices must lie in 0\.\.3 .*found -1\.\.2"),
+        (np.array([0, 1]), 1, r"batch_indices must be a \(steps, batch\) integer array"),
+        (np.array([[0.0, 1.0]]), 1, r"batch_indices must be a \(steps, batch\) integer array"),
+        (np.array([[0, 1], [2, 3]]), 1, r"one rate per step, shape \(2,\), got \(1,\)"),
     ],
 )
-def test_bad_epoch_plan_is_refused_by_every_trainer(trainer, batch_indices, match):
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_bad_epoch_plan_is_refused_by_every_trainer(trainer, batch_indices, n_rates, match):
     """Out-of-range indices would be clamped silently by JAX's gather, and a batch of one has no variance."""
     trainer = TRAINERS[trainer](*_valid())
     before = trainer.params_numpy()
-    error = _raised(trainer.epoch, batch_indices, np.full(len(batch_indices), 0.1))
+    error = _raised(trainer.epoch, batch_indices, np.full(n_rates, 0.1))
     assert re.search(match, str(error)), (str(error), match)
     for a, b in zip(before, trainer.params_numpy()):  # refused before anything was updated
         assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,16 +1,17 @@
-"""The collectives in the jaxpr of the per-example batch-norm gradient (``compare.jaxpr``), and the
+"""The collectives in the jaxprs of the per-example batch-norm gradient (``compare.jaxpr``), and the
 code links of ``docs/batchnorm_backward.md``.
 
-Counts established against jax 0.10.2: the VJP of ``jaxside.layers.batchnorm_train`` traced with
-``axis_env=[("batch", N)]`` holds 4 ``psum[axes=('batch',)]`` (``pmean`` is ``psum`` + ``div``):
-2 forward (mean, variance) and 2 backward (their transposes). With ``stop_gradient`` on the
-statistics the backward has none. After ``vmap`` the forward ones are ``psum[axes=(0,)]`` and
-the backward sums ``reduce_sum[axes=(0,)]``: 4 (2 coupling + dgamma + dbeta), 2 when decoupled.
+Counts established against jax 0.10.2: the forward of ``jaxside.layers.batchnorm_train`` traced with
+``axis_env=[("batch", N)]`` holds 2 ``psum[axes=('batch',)]`` (``pmean`` is ``psum`` + ``div``: mean and
+variance), its VJP 4: the backward adds 2 (their transposes). With ``stop_gradient`` on the statistics
+the backward adds none. After ``vmap`` the forward ones are ``psum[axes=(0,)]`` and the backward adds
+4 ``reduce_sum[axes=(0,)]`` (2 coupling + dgamma + dbeta), 2 when decoupled.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -20,14 +21,16 @@ import pytest
 from compare.jaxpr import (
     BACKWARD,
     FORWARD,
-    batched_bn_grad_jaxpr,
+    batched_jaxprs,
+    by_direction,
     check_coupling,
-    count_by_phase,
-    find_batch_reductions,
-    find_collectives,
+    count,
+    is_batch_reduction,
+    is_named_collective,
     main,
-    per_example_bn_grad_jaxpr,
     per_example_bn_vjp,
+    per_example_jaxprs,
+    psum_counts,
 )
 from jaxside.layers import BATCH_AXIS
 from numpyside.layers import batchnorm_backward, batchnorm_backward_staged, batchnorm_forward
@@ -35,51 +38,44 @@ from numpyside.layers import batchnorm_backward, batchnorm_backward_staged, batc
 REPO = Path(__file__).resolve().parents[1]
 
 
-def phases(collectives) -> tuple[int, int]:
-    counts = count_by_phase(collectives)
-    return sum(counts[FORWARD].values()), sum(counts[BACKWARD].values())
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_per_example_gradient_has_collectives_in_forward_and_backward(dtype):
-    collectives = find_collectives(per_example_bn_grad_jaxpr(4, 8, dtype=dtype))
-    assert phases(collectives) == (2, 2), collectives
-    assert {c.primitive for c in collectives} == {"psum"}
-    assert all(c.axes == (BATCH_AXIS,) for c in collectives)
-    assert [c.phase for c in collectives] == [FORWARD, FORWARD, BACKWARD, BACKWARD]
+    counts = by_direction(*per_example_jaxprs(4, 8, dtype=dtype), is_named_collective)
+    assert counts == {FORWARD: Counter(psum=2), BACKWARD: Counter(psum=2)}, counts
+    assert psum_counts(4, 8, dtype=dtype) == {FORWARD: 2, BACKWARD: 2}
+    _, vjp = per_example_jaxprs(4, 8, dtype=dtype)
+    assert all(eqn.params["axes"] == (BATCH_AXIS,) for eqn in vjp.jaxpr.eqns if eqn.primitive.name == "psum")
 
 
 def test_stop_gradient_on_the_statistics_removes_the_backward_collectives():
-    coupled = find_collectives(per_example_bn_grad_jaxpr(coupled=True))
-    decoupled = find_collectives(per_example_bn_grad_jaxpr(coupled=False))
-    assert phases(decoupled) == (2, 0), decoupled
-    assert phases(decoupled)[1] < phases(coupled)[1]
+    assert psum_counts(coupled=False) == {FORWARD: 2, BACKWARD: 0}
+    assert psum_counts(coupled=True)[BACKWARD] == 2
 
 
-def test_collectives_inside_a_jit_are_found_and_phased_by_dataflow():
-    """Recursion into nested jaxprs; a psum of the primal output after the VJP is forward."""
+def test_collectives_inside_a_jit_are_counted():
+    """The count looks into nested jaxprs (here a ``jit`` around the VJP), and counts a collective
+    that is called twice twice; a collective over another axis name does not count."""
     vector = np.zeros(4, np.float32)
     inner = jax.jit(per_example_bn_vjp)
 
     def fn(x, gamma, beta, dout):
         out, dx, _, _ = inner(x, gamma, beta, dout)
-        return jax.lax.psum(out, BATCH_AXIS), dx
+        again = inner(x, gamma, beta, dout)[1]
+        return jax.lax.psum(out, BATCH_AXIS), dx + again + jax.lax.psum(x, "other")
 
-    closed = jax.make_jaxpr(fn, axis_env=[(BATCH_AXIS, 8)])(vector, vector, vector, vector)
+    closed = jax.make_jaxpr(fn, axis_env=[(BATCH_AXIS, 8), ("other", 2)])(vector, vector, vector, vector)
     assert next(eqn.primitive.name for eqn in closed.jaxpr.eqns) != "psum"  # really nested
-    found = find_collectives(closed)
-    assert [c.phase for c in found] == [FORWARD, FORWARD, BACKWARD, BACKWARD, FORWARD]
+    assert count(closed, is_named_collective) == Counter(psum=4 + 4 + 1)
 
 
 def test_vmapped_gradient_turns_collectives_into_reductions_over_axis_0():
     batch = 8
-    coupled = find_batch_reductions(batched_bn_grad_jaxpr(4, batch), batch)
-    decoupled = find_batch_reductions(batched_bn_grad_jaxpr(4, batch, coupled=False), batch)
-    assert find_collectives(batched_bn_grad_jaxpr(4, batch)) == []  # no named axis left
-    assert [c.primitive for c in coupled if c.phase == FORWARD] == ["psum", "psum"]
-    assert phases(coupled) == (2, 4), coupled  # coupling x2, dgamma, dbeta
-    assert phases(decoupled) == (2, 2), decoupled  # dgamma, dbeta
-    assert all(c.axes == (0,) for c in coupled + decoupled)
+    forward, vjp = batched_jaxprs(4, batch)
+    assert count(vjp, is_named_collective) == Counter()  # no named axis left
+    coupled = by_direction(forward, vjp, lambda eqn: is_batch_reduction(eqn, batch))
+    decoupled = by_direction(*batched_jaxprs(4, batch, coupled=False), lambda eqn: is_batch_reduction(eqn, batch))
+    assert coupled == {FORWARD: Counter(psum=2), BACKWARD: Counter(reduce_sum=4)}, coupled  # coupling x2, dgamma, dbeta
+    assert decoupled == {FORWARD: Counter(psum=2), BACKWARD: Counter(reduce_sum=2)}, decoupled  # dgamma, dbeta
 
 
 @pytest.mark.parametrize("n_features, batch", [(4, 8), (3, 2), (5, 33)])
