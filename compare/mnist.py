@@ -130,14 +130,17 @@ def _missing(directory: Path) -> list[str]:
 
 def _fetch(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT) -> None:
     """Download ``url`` to ``dest`` with a progress bar (replace this to test without network)."""
-    from tqdm import tqdm
+    from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.split(".")[0], leave=False) as bar:
+        with Progress(
+            TextColumn(dest.name.split(".")[0]), DownloadColumn(), TransferSpeedColumn(), transient=True
+        ) as bar:
+            task = bar.add_task("download", total=total)
             while chunk := resp.read(1 << 16):
                 out.write(chunk)
-                bar.update(len(chunk))
+                bar.advance(task, len(chunk))
 
 
 def download_mnist(dest_dir, mirrors=None, fetch=None) -> Path:

@@ -14,8 +14,16 @@ NUMPY_STYLE = dict(color="#ff7f0e", linewidth=1.5, linestyle="--", marker="x", m
 
 
 def plot_comparison(report: dict, path: Path) -> None:
+    """Write :func:`comparison_figure` of ``report`` to ``path`` (PNG)."""
+    fig = comparison_figure(report)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_figure(report: dict) -> plt.Figure:
     """Three panels: test accuracy per epoch, train loss per epoch (both sides overlaid), and the
-    max parameter drift ``max |p_jax - p_numpy|`` on a log axis."""
+    max parameter drift ``max |p_jax - p_numpy|`` on a log axis. The two sides' legend sits under
+    the panels, where it cannot hide a point."""
     rows = report["epochs"]
     epochs = [r["epoch"] for r in rows]
     titles = report["sides"]
@@ -26,7 +34,6 @@ def plot_comparison(report: dict, path: Path) -> None:
         loss_ax.plot(epochs, [r["train_loss"][key] for r in rows], label=titles[key], **style)
     acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy (eval mode)")
     loss_ax.set(xlabel="epoch", ylabel="mean train loss", title="Train loss", yscale="log")
-    acc_ax.legend(fontsize=8, loc="lower right")
 
     drift = [max(r["max_param_drift"], 1e-300) for r in rows]
     drift_ax.semilogy(epochs, drift, color="#2ca02c", marker="s", linewidth=2)
@@ -47,6 +54,6 @@ def plot_comparison(report: dict, path: Path) -> None:
         f"final disagreements on the test set: {disagree}",
         fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.legend(*acc_ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig

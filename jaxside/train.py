@@ -149,7 +149,7 @@ class History:
 
 def train(params, state, data, *, epochs, batch_size, lr, momentum, seed, progress=True) -> tuple[Trainer, History]:
     """Train for ``epochs`` on ``data = (train_x, train_y, test_x, test_y)``; test after each epoch."""
-    from tqdm.auto import tqdm
+    from rich.progress import Progress
 
     train_x, train_y, test_x, test_y = data
     trainer = Trainer(params, state, train_x, train_y, momentum=momentum)
@@ -158,16 +158,18 @@ def train(params, state, data, *, epochs, batch_size, lr, momentum, seed, progre
     test_labels = contract.check_labels(test_y, len(test_x))
     rng = training.batch_rng(seed)
     history = History()
-    bar = tqdm(range(1, epochs + 1), desc="jax train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        start = time.perf_counter()
-        batches = training.epoch_batches(len(train_x), batch_size, rng)
-        losses = trainer.epoch(batches, schedule.for_epoch(epoch - 1, len(batches)))
-        correct = int(np.sum(trainer.predict(test_images) == test_labels))
-        history.seconds.append(time.perf_counter() - start)
-        history.train_loss.append(float(losses.mean()))
-        history.test_accuracy.append(correct / len(test_x))
-        bar.set_postfix(loss=f"{history.train_loss[-1]:.4f}", test_acc=f"{history.test_accuracy[-1]:.2%}")
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("jax train", total=epochs)
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            batches = training.epoch_batches(len(train_x), batch_size, rng)
+            losses = trainer.epoch(batches, schedule.for_epoch(epoch - 1, len(batches)))
+            correct = int(np.sum(trainer.predict(test_images) == test_labels))
+            history.seconds.append(time.perf_counter() - start)
+            history.train_loss.append(float(losses.mean()))
+            history.test_accuracy.append(correct / len(test_x))
+            description = f"jax train: loss {history.train_loss[-1]:.4f}, test acc {history.test_accuracy[-1]:.2%}"
+            bar.update(task, advance=1, description=description)
     return trainer, history
 
 

@@ -514,3 +514,55 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
         train_main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX's 64-bit mode: importing jaxside leaves it alone, and float64 without it is refused
+# ----------------------------------------------------------------------------------------------
+
+X64_OFF_SCRIPT = """
+import jax, numpy as np
+from compare.contract import InputError
+from compare.init import init_params, init_state
+from jaxside import equinox_model, loss_and_grads, predict_logits
+from jaxside.train import Trainer
+assert not jax.config.jax_enable_x64, "importing jaxside switched x64 on"
+params, state = init_params(0, np.float64), init_state(np.float64)
+images, labels = np.full((4, 784), 0.5), np.arange(4)
+calls = {
+    "loss_and_grads": lambda: loss_and_grads(params, state, images, labels),
+    "predict_logits": lambda: predict_logits(params, state, images),
+    "Trainer": lambda: Trainer(params, state, images, labels, momentum=0.9),
+    "equinox loss_and_grads": lambda: equinox_model.loss_and_grads(params, state, images, labels),
+    "equinox Trainer": lambda: equinox_model.Trainer(params, state, images, labels, momentum=0.9),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except InputError as error:
+        print(name, "refused:", error)
+    else:
+        print(name, "ACCEPTED")
+p32, s32 = init_params(0, np.float32), init_state(np.float32)
+print("float32 loss", float(loss_and_grads(p32, s32, images.astype(np.float32), labels)[0]))
+"""
+
+
+def test_float64_is_refused_when_x64_is_off():
+    """In a fresh interpreter (this session's conftest switches x64 on): float64 parameters are
+    refused with an error that says how to switch x64 on, by every public JAX entry point, instead
+    of being computed in float32; float32 still runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", X64_OFF_SCRIPT], cwd=root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    refused = [line for line in lines if " refused: " in line]
+    assert len(refused) == 5 and "ACCEPTED" not in proc.stdout, proc.stdout
+    for line in refused:
+        assert "float64 parameters need JAX's 64-bit mode" in line
+        assert "jax.config.update('jax_enable_x64', True)" in line
+    assert np.isfinite(float(lines[-1].split()[-1]))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compare.run import parse_args
@@ -35,8 +36,61 @@ def test_quick_run_passes_and_writes_outputs(quick_runs):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
     assert "MNIST" in proc.stdout  # says which copy it loaded
-    png = (out / "output.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert_plots_drawn(out / "output.png")
+
+
+def assert_plots_drawn(path: Path) -> None:
+    """``output.png`` decodes to the figure's size, and each of its three panels holds its curves:
+    the JAX side's blue and the NumPy side's orange in the accuracy and loss panels, the drift's
+    green in the third (pixels near those colours; the background is white, the grid grey)."""
+    from matplotlib import colors, image
+
+    from compare.plot import JAX_STYLE, NUMPY_STYLE
+
+    pixels = image.imread(path)[..., :3]
+    assert pixels.shape == (484, 1650, 3)  # figsize (15, 4.4) at 110 dpi
+    third = pixels.shape[1] // 3
+
+    def n_near(panel: int, color: str) -> int:
+        target = np.asarray(colors.to_rgb(color))
+        region = pixels[:, panel * third : (panel + 1) * third]
+        return int(np.sum(np.all(np.abs(region - target) < 0.12, axis=-1)))
+
+    for panel in (0, 1):
+        assert n_near(panel, JAX_STYLE["color"]) > 200, panel
+        assert n_near(panel, NUMPY_STYLE["color"]) > 50, panel
+    assert n_near(2, "#2ca02c") > 200
+    assert n_near(2, JAX_STYLE["color"]) < 50  # and the panels are not all the same picture
+
+
+def test_legend_hides_no_data_point():
+    """The legends are placed where they cover none of the plotted points (the accuracy panel's
+    legend used to hide the first epoch's point)."""
+    from compare.plot import comparison_figure
+
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": {"jax": 0.4 / e, "numpy": 0.4 / e},
+            "test_accuracy": {"jax": acc, "numpy": acc},
+            "max_param_drift": 1e-6 * e,
+            "disagreements": 0,
+        }
+        for e, acc in zip(range(1, 11), [0.933, 0.949, 0.962, 0.966, 0.973, 0.978, 0.978, 0.980, 0.980, 0.981])
+    ]
+    report = {
+        "epochs": rows,
+        "sides": {"jax": "JAX (per example, vmap + pmean)", "numpy": "NumPy (batched, hand backward)"},
+        "tolerances": {"max_param_drift": 1e-4},
+        "config": {"dtype": "float32", "machine_epsilon": 1.2e-7, "epochs": 10, "batch_size": 128},
+    }
+    fig = comparison_figure(report)
+    fig.canvas.draw()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    boxes = [legend.get_window_extent() for legend in legends]
+    points = [line.get_transform().transform(line.get_xydata()) for ax in fig.axes for line in ax.lines]
+    covered = [tuple(p) for pts in points for p in pts for box in boxes if box.contains(*p)]
+    assert legends and not covered, covered
 
 
 def test_report_contents(quick_runs):
@@ -78,6 +132,24 @@ def test_report_contents(quick_runs):
     # ... and the loss falls from epoch 1 to epoch 2 on both sides.
     assert epochs[1]["train_loss"]["jax"] < epochs[0]["train_loss"]["jax"]
     assert report["versions"]["jax"] and report["versions"]["numpy"] and report["machine"]["cores"]
+
+
+def test_timings_are_measured_and_match_what_is_printed(quick_runs):
+    proc, out = quick_runs[0]
+    report = json.loads((out / "report.json").read_text())
+    timings, config = report["timings"], report["config"]
+    stdout = " ".join(proc.stdout.split())  # the console may wrap long lines
+    samples = (config["n_train"] // config["batch_size"]) * config["batch_size"] * config["epochs"]
+    for key in ("jax", "numpy"):
+        t = timings[key]
+        assert all(np.isfinite(t[k]) and t[k] > 0 for k in ("compile_s", "train_s", "samples_per_s")), t
+        assert t["train_s"] < timings["wall_s"] and t["compile_s"] < timings["wall_s"]
+        assert t["samples_per_s"] == pytest.approx(samples / t["train_s"], rel=1e-12)
+        printed = f"{t['train_s']:.2f} s training, {t['samples_per_s']:,.0f} samples/s"
+        assert printed in stdout, (printed, stdout[-600:])
+    assert timings["jax"]["train_s"] + timings["numpy"]["train_s"] < timings["wall_s"]
+    assert f"wall time {timings['wall_s']:.1f} s" in stdout
+    assert timings["peak_rss_mb"] > 0 and max(timings["rss_mb_per_epoch"]) <= timings["peak_rss_mb"]
 
 
 def test_two_runs_are_bitwise_identical(quick_runs):
