@@ -1,19 +1,13 @@
-"""The shared contract of both sides: layer sizes, the parameter layout, and input checks.
+"""The shared contract of both sides: layer sizes, the parameter layout, and the input checks.
 
-Both ``jaxside`` and ``numpyside`` read and write parameters in one layout, so that the very same
-arrays can be fed to either side and their gradients compared entry by entry:
-
-``params`` is a list of 4 layer dicts (the seed's ``forward_pass`` layout)::
+``params`` is a list of 4 layer dicts, the same arrays for either side::
 
     hidden layer i = 0, 1, 2   {"weight": (in, 100), "gamma": (100,), "beta": (100,)}   batch norm on
                                {"weight": (in, 100), "bias": (100,)}                    batch norm off
     output layer               {"weight": (100, 10), "bias": (10,)}
 
-With batch norm a hidden layer has no bias: batch norm subtracts the batch mean, which cancels any
-constant added before it, so a bias there would have an identically zero gradient.
-
-``state`` is a list of 3 dicts ``{"mean": (100,), "var": (100,)}``: the running statistics that
-batch norm uses in eval mode. With batch norm off the state is an empty list.
+(with batch norm a hidden layer has no bias: the batch mean cancels it). ``state`` is a list of 3
+dicts ``{"mean": (100,), "var": (100,)}``, batch norm's running statistics; ``[]`` with batch norm off.
 
 Every public entry point of both sides (``model``, ``train``, ``equinox_model``) validates once,
 through :func:`check_inputs` (and :func:`check_backend` on the NumPy side): bad input is refused

@@ -13,9 +13,7 @@ Where the files are looked for, first match wins (see :func:`find_mnist_dir`):
 4. the user cache, ``$XDG_CACHE_HOME/vmap-batchnorm/mnist`` (default ``~/.cache/...``);
 5. a download from :data:`MIRRORS` into that cache (checked, written to a temp file, renamed).
 
-Decoded arrays are cached in memory per resolved directory (so files changed on disk afterwards are
-not re-read in the same process). The arrays returned are shared with that cache and are therefore
-**read-only** (``arr.flags.writeable is False``); call ``.copy()`` if you need to modify them.
+Decoded arrays are cached in memory per directory and returned **read-only** (``.copy()`` to modify).
 """
 
 from __future__ import annotations

@@ -6,26 +6,7 @@ Compared quantities ("everything the two sides output"): the training-mode logit
 the eval-mode logits (``predict_logits``), the loss, every gradient and every new running statistic
 (``loss_and_grads``). Errors are the project's normwise ``max|a - b| / max|b|``
 (``compare.metrics.max_rel_err``) per array, ``b`` the JAX side.
-
-Tolerances (per array):
-
-* float64 ``1e-10``; on a batch of 128 MNIST images the gradients reach ``1e-12`` (measured ~3e-15).
-* float32 ``1e-4``. float32's unit roundoff is 6e-8 (ulp 1.2e-7), and the two sides round
-  differently: different summation orders (BLAS vs XLA dot products, ``x.mean(0)`` vs ``pmean``,
-  NumPy's pairwise sums vs sequential ones) and autodiff's vs the closed-form batch-norm backward.
-  The backward amplifies those roundings: batch norm's ``dx = (gamma r / N)(N dout - sum dout -
-  x_hat sum(dout x_hat))`` subtracts O(1) terms (measured ~2e-6 on MNIST batches, i.e. ~30 ulp).
-  1e-4 leaves a margin of ~50 there while a real bug (a dropped term, a biased/unbiased mix-up, a
-  wrong transpose) gives 1e-3 .. 1.
-* numpy backend vs numba backend of numpyside: float64 ``1e-13``, float32 ``1e-5`` (they share all
-  matrix products and differ only in ``exp``/``log`` and summation order; see numpyside.kernels).
-
-Ill-conditioned batches (hypothesis test only): tiny batches (B < 8) with batch norm amplify
-rounding so much that NEITHER side's float32 result is close to the float64 one (B = 2: up to 9e-2
-apart; B = 3: up to 3e-4), and even float64 drifts past 1e-10 at B = 2 (up to 1.3e-9 in 1000
-random batches). For those the tolerance is self-calibrated: see ``rounding_spread``. Everywhere
-else (batch norm off at any B, batch norm on from B = 8, all MNIST tests) the fixed bounds above
-apply unchanged; measured worst there: float32 5.7e-6 (B = 8), float64 1e-14.
+Tolerances, and why: the comment at ``TOL``.
 """
 
 from __future__ import annotations
@@ -54,7 +35,26 @@ BACKENDS = ("numpy", "numba")
 DTYPES = (np.float64, np.float32)
 F64, F32 = np.dtype(np.float64), np.dtype(np.float32)
 
-#: numpyside vs jaxside (see the module docstring for the float32 figure).
+# Tolerances (per array):
+#
+# * float64 ``1e-10``; on a batch of 128 MNIST images the gradients reach ``1e-12`` (measured ~3e-15).
+# * float32 ``1e-4``. float32's unit roundoff is 6e-8 (ulp 1.2e-7), and the two sides round
+#   differently: different summation orders (BLAS vs XLA dot products, ``x.mean(0)`` vs ``pmean``,
+#   NumPy's pairwise sums vs sequential ones) and autodiff's vs the closed-form batch-norm backward.
+#   The backward amplifies those roundings: batch norm's ``dx = (gamma r / N)(N dout - sum dout -
+#   x_hat sum(dout x_hat))`` subtracts O(1) terms (measured ~2e-6 on MNIST batches, i.e. ~30 ulp).
+#   1e-4 leaves a margin of ~50 there while a real bug (a dropped term, a biased/unbiased mix-up, a
+#   wrong transpose) gives 1e-3 .. 1.
+# * numpy backend vs numba backend of numpyside: float64 ``1e-13``, float32 ``1e-5`` (they share all
+#   matrix products and differ only in ``exp``/``log`` and summation order; see numpyside.kernels).
+#
+# Ill-conditioned batches (hypothesis test only): tiny batches (B < 8) with batch norm amplify
+# rounding so much that NEITHER side's float32 result is close to the float64 one (B = 2: up to 9e-2
+# apart; B = 3: up to 3e-4), and even float64 drifts past 1e-10 at B = 2 (up to 1.3e-9 in 1000
+# random batches). For those the tolerance is self-calibrated: see ``rounding_spread``. Everywhere
+# else (batch norm off at any B, batch norm on from B = 8, all MNIST tests) the fixed bounds above
+# apply unchanged; measured worst there: float32 5.7e-6 (B = 8), float64 1e-14.
+#: numpyside vs jaxside.
 TOL = {F64: 1e-10, F32: 1e-4}
 #: "The numbers to reach": float64 gradients on a batch of 128 MNIST images.
 TOL_F64_MNIST_GRADS = 1e-12

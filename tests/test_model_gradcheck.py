@@ -4,35 +4,7 @@ The layers are checked one by one in ``tests/test_layers.py``; here the complete
 hidden layers with or without batch norm, the output layer and the softmax cross-entropy, chained
 by ``numpyside.model.backward``) is differentiated numerically and compared with the handwritten
 gradients, in float64, on a real MNIST batch, for both kernel backends.
-
-Error measure (the project's, ``compare.metrics.max_rel_err``), per parameter tensor::
-
-    rel = max_k |analytic_k - numeric_k| / max_k |numeric_k|
-
-over the checked entries ``k`` of that tensor: ALL entries of the small tensors (gamma, beta and
-biases, <= 100 entries), and for the weight matrices the entry of largest |gradient| plus a random
-sample from the top decile by |gradient| (so that the normwise denominator is the tensor's largest
-gradient and no near-zero entry decides the figure).
-
-Required: ``rel <= 1e-7`` for every tensor.
-
-Why the step and the stencil. The rounding error of a difference quotient is about
-``k u |L| / h`` (u = 1.1e-16, |L| ~ ln 10 ~ 2.3, k a few ulps) and the smallest gradients here
-are ~1e-3 (layer 0 without batch norm sits behind three sigmoids; ``dbeta`` of the two lower
-batch-norm layers is a sum that nearly cancels, because the batch-norm backward above them makes
-the incoming gradient sum to zero over the batch). With the classic two-point central difference
-and h = 1e-6 that floor is ~2.5e-10 / 1e-3 ~ 3e-7 relative, ABOVE the required 1e-7 (measured on
-this batch: up to 1.0e-6). The step cannot simply grow, because the two-point stencil's truncation
-error ``h^2 |L'''| / 6`` takes over (best two-point step ~3e-5, worst measured 2.2e-8: a margin of
-only 4.5). So the check uses the fourth-order central difference
-
-    L'(p) ~ [-L(p + 2h) + 8 L(p + h) - 8 L(p - h) + L(p - 2h)] / (12 h),     h = 1e-3,
-
-whose truncation error ``h^4 |L^(5)| / 30`` is ~1e-12 x |L^(5)| and whose rounding error is
-~1.5 k u |L| / h ~ 1e-12 absolute, ~1e-9 relative to the smallest gradients. Measured worst over
-all tensors, both backends, with and without batch norm: 9e-10, two orders of magnitude below the
-1e-7 bound, while a wrong gradient is off by O(1) (dropped batch-norm coupling, see
-``test_gradcheck_catches_*``) and even a 1e-6 relative slip of one entry is caught.
+Tolerance and step: the comment at ``TOL``.
 """
 
 from __future__ import annotations
@@ -48,7 +20,35 @@ from tests.helpers import random_params, random_state
 
 BACKENDS = ("numpy", "numba")
 BATCH = 32
-H = 1e-3  # fourth-order central difference (see the module docstring)
+# Error measure (the project's, ``compare.metrics.max_rel_err``), per parameter tensor::
+#
+#     rel = max_k |analytic_k - numeric_k| / max_k |numeric_k|
+#
+# over the checked entries ``k`` of that tensor: ALL entries of the small tensors (gamma, beta and
+# biases, <= 100 entries), and for the weight matrices the entry of largest |gradient| plus a random
+# sample from the top decile by |gradient| (so that the normwise denominator is the tensor's largest
+# gradient and no near-zero entry decides the figure).
+#
+# Required: ``rel <= 1e-7`` for every tensor.
+#
+# Why the step and the stencil. The rounding error of a difference quotient is about
+# ``k u |L| / h`` (u = 1.1e-16, |L| ~ ln 10 ~ 2.3, k a few ulps) and the smallest gradients here
+# are ~1e-3 (layer 0 without batch norm sits behind three sigmoids; ``dbeta`` of the two lower
+# batch-norm layers is a sum that nearly cancels, because the batch-norm backward above them makes
+# the incoming gradient sum to zero over the batch). With the classic two-point central difference
+# and h = 1e-6 that floor is ~2.5e-10 / 1e-3 ~ 3e-7 relative, ABOVE the required 1e-7 (measured on
+# this batch: up to 1.0e-6). The step cannot simply grow, because the two-point stencil's truncation
+# error ``h^2 |L'''| / 6`` takes over (best two-point step ~3e-5, worst measured 2.2e-8: a margin of
+# only 4.5). So the check uses the fourth-order central difference
+#
+#     L'(p) ~ [-L(p + 2h) + 8 L(p + h) - 8 L(p - h) + L(p - 2h)] / (12 h),     h = 1e-3,
+#
+# whose truncation error ``h^4 |L^(5)| / 30`` is ~1e-12 x |L^(5)| and whose rounding error is
+# ~1.5 k u |L| / h ~ 1e-12 absolute, ~1e-9 relative to the smallest gradients. Measured worst over
+# all tensors, both backends, with and without batch norm: 9e-10, two orders of magnitude below the
+# 1e-7 bound, while a wrong gradient is off by O(1) (dropped batch-norm coupling, see
+# ``test_gradcheck_catches_*``) and even a 1e-6 relative slip of one entry is caught.
+H = 1e-3  # the fourth-order central difference's step (above)
 TOL = 1e-7
 SMALL_TENSOR = 100  # tensors with at most this many entries are checked entry by entry
 N_SAMPLED = 15  # plus the argmax, for the weight matrices
