@@ -39,9 +39,9 @@ class LinearCache(NamedTuple):
 
 
 def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
-    """Affine map of a batch.
+    r"""Affine map of a batch.
 
-    .. math:: \\text{out} = x W + b, \\qquad x: (B, n_{in}),\\ W: (n_{in}, n_{out}),\\ b: (n_{out},)
+    .. math:: \text{out} = x W + b, \qquad x: (B, n_{in}),\ W: (n_{in}, n_{out}),\ b: (n_{out},)
 
     ``bias=None`` leaves out ``+ b``. Returns ``out`` (B, n_out) and the cache for
     :func:`linear_backward`.
@@ -55,11 +55,11 @@ def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
 def linear_backward(
     dout, cache: LinearCache, *, need_dx: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
-    """Backward of :func:`linear_forward`; ``dout`` (B, n_out).
+    r"""Backward of :func:`linear_forward`; ``dout`` (B, n_out).
 
     .. math::
-        dx = dout\\, W^T \\ (B, n_{in}), \\qquad dW = x^T dout \\ (n_{in}, n_{out}), \\qquad
-        db = \\textstyle\\sum_b dout_b \\ (n_{out},)
+        dx = dout\, W^T \ (B, n_{in}), \qquad dW = x^T dout \ (n_{in}, n_{out}), \qquad
+        db = \textstyle\sum_b dout_b \ (n_{out},)
 
     Returns ``(dx, dweight, dbias)``; ``dbias`` is None when the forward had no bias. With
     ``need_dx=False`` (the first layer, whose input is the images) ``dx`` is not computed and is None.
@@ -92,13 +92,13 @@ class BatchNormCache(NamedTuple):
 def batchnorm_forward(
     x, gamma, beta, eps: float = BN_EPS, *, backend: str = DEFAULT_BACKEND
 ) -> tuple[np.ndarray, BatchNormCache]:
-    """Batch norm in training mode: per-feature statistics over the batch (axis 0).
+    r"""Batch norm in training mode: per-feature statistics over the batch (axis 0).
 
     .. math::
-        \\mu = \\tfrac1N \\sum_b x_b, \\quad c = x - \\mu, \\quad
-        \\sigma^2 = \\tfrac1N \\sum_b c_b^2 \\ (\\text{biased}), \\quad
-        r = 1 / \\sqrt{\\sigma^2 + \\epsilon}, \\quad \\hat x = c\\, r, \\quad
-        \\text{out} = \\gamma \\hat x + \\beta
+        \mu = \tfrac1N \sum_b x_b, \quad c = x - \mu, \quad
+        \sigma^2 = \tfrac1N \sum_b c_b^2 \ (\text{biased}), \quad
+        r = 1 / \sqrt{\sigma^2 + \epsilon}, \quad \hat x = c\, r, \quad
+        \text{out} = \gamma \hat x + \beta
 
     ``x`` (B, n) with B >= 2, ``gamma, beta`` (n,). The same sequence of operations as
     ``jaxside.layers.batchnorm_train`` (two-pass variance, ``1.0 / sqrt(var + eps)``). Returns
@@ -121,11 +121,11 @@ def batchnorm_forward(
 def batchnorm_backward(
     dout, cache: BatchNormCache, *, backend: str = DEFAULT_BACKEND
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Backward of :func:`batchnorm_forward`, compact closed form; ``dout`` (B, n).
+    r"""Backward of :func:`batchnorm_forward`, compact closed form; ``dout`` (B, n).
 
     .. math::
-        d\\beta = \\textstyle\\sum_b dout_b, \\qquad d\\gamma = \\sum_b dout_b\\, \\hat x_b, \\qquad
-        dx = \\frac{\\gamma r}{N} \\big(N\\, dout - d\\beta - \\hat x\\, d\\gamma\\big)
+        d\beta = \textstyle\sum_b dout_b, \qquad d\gamma = \sum_b dout_b\, \hat x_b, \qquad
+        dx = \frac{\gamma r}{N} \big(N\, dout - d\beta - \hat x\, d\gamma\big)
 
     The two column sums are the batch coupling: the gradient of one example depends on the whole
     batch through the mean and the variance (the staged form below derives it node by node).
@@ -196,10 +196,10 @@ def batchnorm_backward_staged(dout, cache: BatchNormCache) -> tuple[np.ndarray, 
 
 
 def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
-    """Batch norm in eval mode with the running statistics ``mean, var`` (n,); ``x`` (B, n).
+    r"""Batch norm in eval mode with the running statistics ``mean, var`` (n,); ``x`` (B, n).
 
     .. math::
-        r = 1 / \\sqrt{\\text{var} + \\epsilon}, \\qquad \\text{out} = \\gamma\\, ((x - \\text{mean})\\, r) + \\beta
+        r = 1 / \sqrt{\text{var} + \epsilon}, \qquad \text{out} = \gamma\, ((x - \text{mean})\, r) + \beta
 
     Mirrors ``jaxside.layers.batchnorm_eval``. No batch coupling (any B, also 1). Returns (B, n).
     """
@@ -216,12 +216,12 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: s
 
 
 def sigmoid_forward(x, *, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, np.ndarray]:
-    """Logistic function, elementwise, any shape (here (B, n)).
+    r"""Logistic function, elementwise, any shape (here (B, n)).
 
     .. math::
-        s = \\frac{1}{1 + e^{-x}} =
-        \\begin{cases} 1 / (1 + e) & x \\ge 0 \\\\ e / (1 + e) & x < 0 \\end{cases},
-        \\qquad e = e^{-|x|} \\in (0, 1]
+        s = \frac{1}{1 + e^{-x}} =
+        \begin{cases} 1 / (1 + e) & x \ge 0 \\ e / (1 + e) & x < 0 \end{cases},
+        \qquad e = e^{-|x|} \in (0, 1]
 
     Written with ``e = exp(-|x|)`` so that nothing overflows for large ``|x|``; far out ``e``
     underflows to 0 (the intended result, not reported) and ``s`` is exactly 1 or 0. Returns
@@ -237,9 +237,9 @@ def sigmoid_forward(x, *, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, n
 
 
 def sigmoid_backward(dout, cache: np.ndarray, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
-    """Backward of :func:`sigmoid_forward`: ``ds/dx = s (1 - s)``.
+    r"""Backward of :func:`sigmoid_forward`: ``ds/dx = s (1 - s)``.
 
-    .. math:: dx = dout\\ s\\ (1 - s)
+    .. math:: dx = dout\ s\ (1 - s)
 
     ``dout`` has the forward's shape; returns ``dx`` of that shape.
     """
