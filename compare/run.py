@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compare import training
+from compare import contract, training
 from compare.metrics import RELATIVE_ERROR_FORMULA
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 4096, 1000, 2
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
     parser.add_argument(
-        "--backend", choices=["numpy", "numba"], default="numba", help="kernels of the NumPy side (default %(default)s)"
+        "--backend",
+        choices=contract.BACKENDS,
+        default=contract.DEFAULT_BACKEND,
+        help="kernels of the NumPy side (default %(default)s)",
     )
     parser.add_argument(
         "--model",

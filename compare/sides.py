@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from compare.contract import DEFAULT_BACKEND
+
 JAX_MODELS = ("pmean", "equinox")
 
 
@@ -51,24 +53,20 @@ def jax_side(model: str = "pmean") -> Side:
         )
     if model != "pmean":
         raise ValueError(f"unknown JAX model {model!r}; choose from {JAX_MODELS}")
-    import jax
-
-    import jaxside
-    from jaxside.model import batched_forward
+    from jaxside import model
     from jaxside.train import Trainer
 
-    train_logits_jit = jax.jit(lambda p, s, x: batched_forward(p, s, x, train=True)[0])
     return Side(
         key="jax",
         title="JAX (per example, vmap + pmean)",
-        loss_and_grads=jaxside.loss_and_grads,
-        predict_logits=jaxside.predict_logits,
-        train_logits=lambda p, s, x: np.asarray(train_logits_jit(p, s, x)),
+        loss_and_grads=model.loss_and_grads,
+        predict_logits=model.predict_logits,
+        train_logits=model.train_logits,
         make_trainer=Trainer,
     )
 
 
-def numpy_side(backend: str = "numba", *, fast: bool = True) -> Side:
+def numpy_side(backend: str = DEFAULT_BACKEND, *, fast: bool = True) -> Side:
     """The batched, hand-differentiated NumPy side with the given kernel backend.
 
     Training uses :class:`numpyside.fast.FastTrainer` (preallocated buffers, fused kernels; the
@@ -86,6 +84,6 @@ def numpy_side(backend: str = "numba", *, fast: bool = True) -> Side:
         title=f"NumPy (batched, hand backward, {backend} kernels{', fast trainer' if fast else ''})",
         loss_and_grads=functools.partial(model.loss_and_grads, backend=backend),
         predict_logits=functools.partial(model.predict_logits, backend=backend),
-        train_logits=lambda p, s, x: model.forward(p, s, x, train=True, backend=backend)[0],
+        train_logits=functools.partial(model.train_logits, backend=backend),
         make_trainer=functools.partial(FastTrainer if fast else Trainer, backend=backend),
     )

@@ -9,6 +9,7 @@ NumPy out), validated by :func:`compare.contract.check_inputs`:
 
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
+* ``train_logits(params, state, images) -> logits (B, 10)`` (training mode, batch statistics)
 """
 
 from __future__ import annotations
@@ -153,3 +154,12 @@ def predict_logits(params, state, images) -> np.ndarray:
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
     _, _, images, _ = check_inputs(params, state, images)
     return np.asarray(eval_logits(params, list(state or []), images))
+
+
+_jitted_batched_forward = jax.jit(batched_forward, static_argnames="train")
+
+
+def train_logits(params, state, images) -> np.ndarray:
+    """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
+    _, _, images, _ = check_inputs(params, state, images, train=True)
+    return np.asarray(_jitted_batched_forward(params, list(state or []), images, train=True)[0])

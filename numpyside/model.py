@@ -9,8 +9,9 @@ validated by :func:`compare.contract.check_inputs`:
 
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
+* ``train_logits(params, state, images) -> logits (B, 10)`` (training mode, batch statistics)
 
-Both take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
+All take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
 """
 
 from __future__ import annotations
@@ -149,3 +150,9 @@ def predict_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> 
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
     _, _, images, _ = check_inputs(params, state, images, backend=backend)
     return eval_logits(_as_numpy(params), _as_numpy(state or []), images, backend=backend)
+
+
+def train_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+    """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
+    _, _, images, _ = check_inputs(params, state, images, train=True, backend=backend)
+    return forward(_as_numpy(params), _as_numpy(state or []), images, train=True, backend=backend)[0]
