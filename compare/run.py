@@ -324,7 +324,8 @@ def main(argv=None) -> int:
             f"  {key:>5}: {t['train_s']:.2f} s training, {t['samples_per_s']:,.0f} samples/s "
             f"(+ {t['compile_s']:.2f} s compile/warm-up)"
         )
-    timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    # ru_maxrss can lag /proc's current figure by a few pages: the peak is at least every sample
+    timings["peak_rss_mb"] = round(max(peak_rss_mb(), *timings["rss_mb_per_epoch"]), 1)
     console.print(
         f"  memory: peak RSS {timings['peak_rss_mb']:,.0f} MB; RSS after each epoch (MB): "
         + " ".join(f"{m:,.0f}" for m in timings["rss_mb_per_epoch"])
