@@ -603,3 +603,19 @@ def test_unknown_backend_is_refused(backend):
     ):
         error = _raised(call)
         assert "backend must be one of ('numpy', 'numba')" in str(error) and repr(backend) in str(error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_loss_is_mirrored(backend):
+    """``batch_loss(params, state, images, labels) -> (loss, new_state)`` on both sides, and the same
+    loss as ``batch_loss_and_grads`` (float64: the sides differ only in summation order)."""
+    params, state = random_params(3), random_state(3)
+    rng = np.random.default_rng(3)
+    images, labels = rng.random((16, contract.N_INPUTS)), rng.integers(0, 10, 16).astype(np.int32)
+    loss_n, state_n = N.batch_loss(params, state, images, labels, backend=backend)
+    loss_j, state_j = J.batch_loss(params, state, jnp.asarray(images), jnp.asarray(labels))
+    assert abs(loss_n - float(loss_j)) <= TOL[F64] * abs(float(loss_j))
+    for a, b in zip(state_n, state_j):
+        assert all(max_rel_err(a[k], np.asarray(b[k])) <= TOL[F64] for k in a)
+    assert N.batch_loss_and_grads(params, state, images, labels, backend=backend)[0] == loss_n
+    assert float(J.batch_loss_and_grads(params, state, images, labels)[0]) == pytest.approx(float(loss_j), rel=1e-15)
