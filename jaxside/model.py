@@ -14,6 +14,7 @@ NumPy out), validated by :func:`compare.contract.check_inputs`:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -163,3 +164,35 @@ def train_logits(params, state, images) -> np.ndarray:
     """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
     _, _, images, _ = check_inputs(params, state, images, train=True)
     return np.asarray(_jitted_batched_forward(params, list(state or []), images, train=True)[0])
+
+
+def example_loss(params: Params, state: State, image_vector: Float[Array, " x"], label: Int[Array, ""], *, train: bool):
+    """Cross-entropy of ONE example and the new running statistics: ``forward_pass``, then ``cross_entropy``."""
+    logits, new_state = forward_pass(params, state, image_vector, train=train)
+    return cross_entropy(logits, label), new_state
+
+
+@functools.partial(jax.jit, static_argnames="train")
+def per_example_losses_and_grads(params: Params, state: State, images, labels, *, train: bool):
+    """``jax.vmap(jax.value_and_grad(example_loss), axis_name="batch")``, unchecked (jitted).
+
+    Returns ``(losses (B,), grads, new_state)``; every leaf of ``grads`` is ``(B, *shape)``.
+    """
+    one_example = jax.value_and_grad(functools.partial(example_loss, train=train), has_aux=True)
+    vmapped = jax.vmap(one_example, in_axes=(None, None, 0, 0), axis_name=BATCH_AXIS, out_axes=((0, None), 0))
+    (losses, new_state), grads = vmapped(params, state, images, labels)
+    return losses, grads, new_state
+
+
+def per_example_grads(params, state, images, labels, *, train: bool = True):
+    """Per-example losses ``(B,)``, gradients (leaves ``(B, *shape)``) and new running statistics.
+
+    ``jax.vmap(jax.grad(example_loss), axis_name="batch")``: nothing batched. With batch norm in
+    training mode ``g_b`` is the per-row term of the batch backward of ``sum_b loss_b`` (every
+    example's backward receives the coupling sums of all examples' cotangents), so
+    ``sum_b g_b = B * loss_and_grads(...)[1]``; see ``docs/per_example_gradients.md``.
+    ``train=False``: running statistics, no coupling, ``state`` returned as given.
+    """
+    _, _, images, labels = check_inputs(params, state, images, labels, train=train)
+    losses, grads, new_state = per_example_losses_and_grads(params, list(state or []), images, labels, train=train)
+    return np.asarray(losses), to_numpy(grads), (to_numpy(new_state) if train else state)

@@ -156,3 +156,20 @@ def train_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np
     """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
     _, _, images, _ = check_inputs(params, state, images, train=True, backend=backend)
     return forward(_as_numpy(params), _as_numpy(state or []), images, train=True, backend=backend)[0]
+
+
+def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_BACKEND):
+    """Per-example losses ``(B,)``, gradients (leaves ``(B, *shape)``) and new running statistics.
+
+    ``g_b`` is row ``b``'s term of the handwritten backward of ``sum_b loss_b`` (cross-entropy, not
+    divided by ``B``): the mirror of ``jaxside.model.per_example_grads`` (``vmap`` of ``grad`` of one
+    example's loss), see :mod:`numpyside.per_example`. ``sum_b g_b = B * loss_and_grads(...)[1]``.
+    ``train=False``: running statistics, no coupling, ``state`` returned as given.
+    """
+    from numpyside.per_example import per_example_losses_and_grads  # it builds on this module
+
+    _, _, images, labels = check_inputs(params, state, images, labels, train=train, backend=backend)
+    losses, grads, new_state = per_example_losses_and_grads(
+        _as_numpy(params), _as_numpy(state or []), images, labels, train=train, backend=backend
+    )
+    return losses, grads, (new_state if train else state)
