@@ -1,0 +1,316 @@
+"""Per-example gradients under batch norm, measured on one MNIST batch.
+
+    python -m compare.per_example [--batch 128] [--dtype float64] [--seed 0] [--heatmap-batch 16] [--out DIR]
+
+``g_b`` is ``per_example_grads`` (JAX: ``vmap`` of ``grad`` of one example's loss; NumPy: the per-row
+terms of the handwritten backward). ``J_b`` is row ``b`` of ``jax.jacrev`` of the vector of
+per-example losses. For every parameter the table shows: the two sides' agreement, ``sum_b g_b``
+against ``B`` times the batch gradient, how far ``J_b`` is from ``g_b``, and the leakage: how much
+``g_j`` (and ``J_j``) moves when one other example is replaced, with batch norm in training mode,
+without batch norm, and in eval mode. ``per_example.png`` shows the leakage between every pair of
+examples of a small batch. Exit status 0 when every check holds, 1 otherwise.
+The derivation: ``docs/per_example_gradients.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python compare/per_example.py`: make the repository importable
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from compare.init import init_params, init_state
+from compare.metrics import RELATIVE_ERROR_FORMULA, max_rel_err
+from compare.mnist import load_mnist
+from compare.step0 import TOLERANCE
+from jaxside import model as jax_model
+from jaxside.layers import BATCH_AXIS
+from numpyside import model as numpy_model
+
+#: ``sum_b g_b`` vs ``B * grad``: the same side, the same products, only the order of one more sum
+#: differs; float64 reaches ~1e-15 (1e-12 is the issue's bound), float32 ~1e-6 (bound as step 0).
+SUM_TOLERANCE = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-4}
+
+Grads = list[dict[str, np.ndarray]]
+
+
+@jax.jit
+def _loss_jacobian_rows(params, state, images, labels):
+    def losses(p):
+        def one(image_vector, label):
+            return jax_model.example_loss(p, state, image_vector, label, train=True)[0]
+
+        return jax.vmap(one, axis_name=BATCH_AXIS)(images, labels)
+
+    return jax.jacrev(losses)(params)
+
+
+def loss_jacobian_rows(params, state, images, labels) -> Grads:
+    r"""Rows of ``jax.jacrev`` of the per-example losses (training mode): ``J_b = d loss_b / d theta``
+    with the batch statistics differentiated too. Leaves ``(B, *shape)``; ``sum_b J_b`` is the
+    gradient of ``sum_b loss_b``, like ``sum_b g_b``."""
+    state = list(state or [])
+    return jax_model.to_numpy(_loss_jacobian_rows(params, state, np.asarray(images), np.asarray(labels, np.int32)))
+
+
+def leaves(grads: Grads) -> list[tuple[str, np.ndarray]]:
+    """``("layer i key", leaf)`` in layout order."""
+    return [(f"layer {i} {key}", layer[key]) for i, layer in enumerate(grads) for key in sorted(layer)]
+
+
+def flat_rows(grads: Grads) -> np.ndarray:
+    """All parameters of each example in one row: ``(B, n_params)``."""
+    return np.concatenate([leaf.reshape(leaf.shape[0], -1) for _, leaf in leaves(grads)], axis=1)
+
+
+def row_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``||a_j - b_j|| / ||b_j||`` per example ``j`` (Euclidean norms over the row; ``b`` the reference)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    scale = np.linalg.norm(b, axis=1)
+    return np.linalg.norm(a - b, axis=1) / np.where(scale > 0, scale, 1.0)
+
+
+def leakage(before: np.ndarray, after: np.ndarray, changed: int) -> float:
+    """``max_{j != changed} ||after_j - before_j|| / ||before_j||``: how far the other examples'
+    per-example gradients moved when example ``changed`` was replaced. Exactly 0 means bit for bit."""
+    return float(np.delete(row_distance(after, before), changed).max())
+
+
+def replaced(images: np.ndarray, labels: np.ndarray, k: int, image, label) -> tuple[np.ndarray, np.ndarray]:
+    """The batch with example ``k`` replaced by ``(image, label)``."""
+    images, labels = images.copy(), labels.copy()
+    images[k], labels[k] = image, label
+    return images, labels
+
+
+def leakage_matrix(per_example: Callable, images, labels, spare_images, spare_labels) -> np.ndarray:
+    """``L[j, k] = ||g_j' - g_j|| / ||g_j||`` over all parameters, where ``g'`` comes from the batch with
+    example ``k`` replaced by ``spare_images[k]``; the diagonal (the changed example itself) is NaN.
+    ``per_example(images, labels) -> grads`` (leaves ``(B, ...)``)."""
+    before = flat_rows(per_example(images, labels))
+    matrix = np.full((len(images), len(images)), np.nan)
+    for k in range(len(images)):
+        after = flat_rows(per_example(*replaced(images, labels, k, spare_images[k], spare_labels[k])))
+        matrix[:, k] = row_distance(after, before)
+        matrix[k, k] = np.nan
+    return matrix
+
+
+# ----------------------------------------------------------------------------------------------
+# the measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def _configurations(seed: int, dtype, images, labels) -> dict[str, tuple]:
+    """``name -> (params, state, train)`` for batch norm in training mode, off, and in eval mode.
+    Eval mode uses the running statistics after one training step on the batch (not 0 and 1)."""
+    params, state = init_params(seed, dtype), init_state(dtype)
+    stepped_state = jax_model.loss_and_grads(params, state, images, labels)[2]
+    return {
+        "bn train": (params, state, True),
+        "bn off": (init_params(seed, dtype, batch_norm=False), [], True),
+        "eval": (params, stepped_state, False),
+    }
+
+
+def measure(params_seed: int, dtype, images, labels, spare_image, spare_label, changed: int = 0) -> dict:
+    """Every number of the table, per parameter (``rows``) and over all parameters (``all``)."""
+    configs = _configurations(params_seed, dtype, images, labels)
+    batch = len(images)
+    changed_batch = replaced(images, labels, changed, spare_image, spare_label)
+
+    rows: dict[str, dict] = {}
+    total: dict[str, float] = {}
+    leaked_flat: dict[str, float] = {}
+    agreement_other: dict[str, float] = {}
+    for name, (p, s, train) in configs.items():
+        g = jax_model.per_example_grads(p, s, images, labels, train=train)[1]
+        g_changed = jax_model.per_example_grads(p, s, *changed_batch, train=train)[1]
+        g_numpy = numpy_model.per_example_grads(p, s, images, labels, train=train)[1]
+        agreement = max(max_rel_err(b, a) for (_, a), (_, b) in zip(leaves(g), leaves(g_numpy)))
+        leaked_flat[name] = leakage(flat_rows(g), flat_rows(g_changed), changed)
+        for label, leaf in leaves(g):
+            rows.setdefault(label, {})[f"leak {name}"] = leakage(leaf, dict(leaves(g_changed))[label], changed)
+        if name != "bn train":
+            agreement_other[name] = agreement
+            continue
+        total["numpy vs jax"] = agreement
+        batch_grads = jax_model.loss_and_grads(p, s, images, labels)[1]
+        jac = loss_jacobian_rows(p, s, images, labels)
+        jac_changed = loss_jacobian_rows(p, s, *changed_batch)
+        for (label, leaf), (_, leaf_np), (_, batch_leaf), (_, jac_leaf), (_, jac_leaf_changed) in zip(
+            leaves(g), leaves(g_numpy), leaves(batch_grads), leaves(jac), leaves(jac_changed)
+        ):
+            rows[label].update(
+                {
+                    "numpy vs jax": max_rel_err(leaf_np, leaf),
+                    "sum g vs B grad": max_rel_err(leaf.sum(axis=0), batch * batch_leaf),
+                    "sum J vs B grad": max_rel_err(jac_leaf.sum(axis=0), batch * batch_leaf),
+                    "J vs g": float(row_distance(jac_leaf, leaf).max()),
+                    "leak jacrev": leakage(jac_leaf, jac_leaf_changed, changed),
+                }
+            )
+        total["sum g vs B grad"] = max(r["sum g vs B grad"] for r in rows.values() if "sum g vs B grad" in r)
+        total["sum J vs B grad"] = max(r["sum J vs B grad"] for r in rows.values() if "sum J vs B grad" in r)
+        total["J vs g"] = float(row_distance(flat_rows(jac), flat_rows(g)).max())
+        total["leak jacrev"] = leakage(flat_rows(jac), flat_rows(jac_changed), changed)
+    total.update({f"leak {name}": value for name, value in leaked_flat.items()})
+    return {"rows": rows, "all": total, "agreement_other": agreement_other, "batch": batch, "dtype": str(dtype)}
+
+
+def failures(result: dict) -> list[str]:
+    """The checks that do not hold (empty: all do)."""
+    dtype = np.dtype(result["dtype"])
+    total, problems = result["all"], []
+    if total["numpy vs jax"] > TOLERANCE[dtype] or max(result["agreement_other"].values()) > TOLERANCE[dtype]:
+        problems.append(f"numpy and jax per-example gradients differ by more than {TOLERANCE[dtype]:g}")
+    for key in ("sum g vs B grad", "sum J vs B grad"):
+        if total[key] > SUM_TOLERANCE[dtype]:
+            problems.append(f"{key}: {total[key]:.2e} > {SUM_TOLERANCE[dtype]:g}")
+    for name in ("bn off", "eval"):
+        if total[f"leak {name}"] != 0:
+            problems.append(f"leakage with {name} is {total[f'leak {name}']:.2e}, not exactly 0")
+    return problems
+
+
+COLUMNS = (
+    ("numpy vs jax", "np vs jax"),
+    ("sum g vs B grad", "Σg_b vs B∇L"),
+    ("J vs g", "|J_b-g_b|/|g_b|"),
+    ("leak bn train", "leak g BN"),
+    ("leak jacrev", "leak J BN"),
+    ("leak bn off", "leak g noBN"),
+    ("leak eval", "leak g eval"),
+)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return "0" if value == 0 else f"{value:.1e}"
+
+
+def table(result: dict) -> Table:
+    t = Table(
+        title=(
+            f"Per-example gradients on one MNIST batch (B = {result['batch']}, {result['dtype']}); "
+            f"errors {RELATIVE_ERROR_FORMULA} per leaf, distances max_b |a_b - b_b| / |b_b|, "
+            "leakage max_(j != k) |g_j' - g_j| / |g_j| when example k is replaced"
+        )
+    )
+    t.add_column("parameter", no_wrap=True)
+    for _, header in COLUMNS:
+        t.add_column(header, justify="right", no_wrap=True)
+    for label, row in sorted(result["rows"].items()):
+        t.add_row(label, *(_cell(row.get(key)) for key, _ in COLUMNS))
+    t.add_section()
+    t.add_row("all parameters", *(_cell(result["all"].get(key)) for key, _ in COLUMNS))
+    return t
+
+
+def plot_leakage(matrices: dict[str, np.ndarray], zero_note: str, path: Path) -> None:
+    """One heat map per decomposition: ``L[j, k]`` on a log colour scale, the diagonal blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    values = np.concatenate([m[np.isfinite(m)] for m in matrices.values()])
+    norm = LogNorm(vmin=max(values.min(), 1e-6), vmax=values.max())
+    fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices) + 1, 4.6), constrained_layout=True)
+    for ax, (title, matrix) in zip(np.atleast_1d(axes), matrices.items()):
+        image = ax.imshow(matrix, norm=norm, cmap="viridis")
+        ax.set(title=title, xlabel="k: the example replaced", ylabel="j: whose gradient moved")
+    fig.colorbar(image, ax=axes, label="|g_j' - g_j| / |g_j|")
+    fig.suptitle(f"Leakage between the examples of one batch, batch norm in training mode ({zero_note})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmaps(seed: int, dtype, images, labels, spare_images, spare_labels) -> tuple[dict[str, np.ndarray], str]:
+    """Leakage matrices of ``g`` and ``J`` with batch norm in training mode, and the largest entry of
+    the same matrix for ``g`` without batch norm and in eval mode (exactly 0 when nothing leaks)."""
+    configs = _configurations(seed, dtype, images, labels)
+    params, state, _ = configs["bn train"]
+
+    def grads_of(p, s, train):
+        return lambda x, y: jax_model.per_example_grads(p, s, x, y, train=train)[1]
+
+    matrices = {
+        "g_b = vmap(grad(loss_b))": leakage_matrix(
+            grads_of(*configs["bn train"]), images, labels, spare_images, spare_labels
+        ),
+        "J_b = rows of jacrev(losses)": leakage_matrix(
+            lambda x, y: loss_jacobian_rows(params, state, x, y), images, labels, spare_images, spare_labels
+        ),
+    }
+    zeros = {
+        name: np.nanmax(leakage_matrix(grads_of(*configs[name]), images, labels, spare_images, spare_labels))
+        for name in ("bn off", "eval")
+    }
+    note = ", ".join(f"{name}: max {_cell(value)}" for name, value in zeros.items())
+    return matrices, note
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmap-bn-per-example",
+        description="Per-example gradients under batch norm: vmap(grad) vs jacrev rows, both sides, leakage.",
+    )
+    parser.add_argument("--batch", type=int, default=128, help="examples in the batch of the table (default 128)")
+    parser.add_argument("--heatmap-batch", type=int, default=16, help="examples in the heat map's batch (default 16)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--seed", type=int, default=0, help="initial parameters and the batch drawn from MNIST")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST IDX .gz files")
+    parser.add_argument("--out", type=Path, default=Path("."), help="where per_example.png goes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch < 2 or args.heatmap_batch < 2:
+        build_parser().error("--batch and --heatmap-batch must be at least 2 (batch norm's variance)")
+    jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
+    dtype = np.dtype(args.dtype)
+    train_images, train_labels, _, _ = load_mnist(args.data_dir)
+    picked = np.random.default_rng(args.seed).choice(len(train_images), args.batch + args.heatmap_batch, replace=False)
+    images, labels = train_images[picked[: args.batch]].astype(dtype), train_labels[picked[: args.batch]]
+    spare_images, spare_labels = train_images[picked[args.batch :]].astype(dtype), train_labels[picked[args.batch :]]
+
+    console = Console()
+    if console.width < 116:  # the table needs 116 columns; a pipe or a narrow terminal would fold it
+        console = Console(width=116)
+    result = measure(args.seed, dtype, images, labels, spare_images[0], spare_labels[0])
+    console.print(table(result))
+    others = ", ".join(f"{name} {value:.1e}" for name, value in result["agreement_other"].items())
+    console.print(
+        f"numpy vs jax in the other modes (max over leaves): {others}; sum_b J_b vs B * grad: "
+        f"{result['all']['sum J vs B grad']:.1e}. BN off has biases instead of gamma/beta (in 'all parameters')."
+    )
+
+    small = slice(0, args.heatmap_batch)
+    matrices, note = heatmaps(args.seed, dtype, images[small], labels[small], spare_images, spare_labels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "per_example.png"
+    plot_leakage(matrices, note, path)
+    console.print(f"heat map: {path} ({note})")
+
+    problems = failures(result)
+    for problem in problems:
+        console.print(f"[red]FAILED[/red]: {problem}")
+    if not problems:
+        console.print("all checks hold")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
