@@ -27,7 +27,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from compare.contract import N_INPUTS
 from compare.init import init_params, init_state
+from compare.jaxpr import find_collectives, summary_lines
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_rel_err
 from compare.mnist import load_mnist
 from compare.step0 import TOLERANCE
@@ -102,6 +104,23 @@ def leakage_matrix(per_example: Callable, images, labels, spare_images, spare_la
         matrix[:, k] = row_distance(after, before)
         matrix[k, k] = np.nan
     return matrix
+
+
+def per_example_grad_jaxpr(batch: int = 8, dtype=np.float32):
+    """The jaxpr of the VJP of ONE example's loss w.r.t. the parameters (batch norm in training mode),
+    traced with the named axis ``"batch"`` of size ``batch`` in the axis environment.
+
+    Inputs ``(params, image_vector, label, seed)``; ``seed`` is the cotangent of the example's loss
+    (``jax.grad`` uses 1.0), the last input, as :func:`compare.jaxpr.find_collectives` expects.
+    """
+    params, state = init_params(0, dtype), init_state(dtype)
+
+    def vjp_of_one_example(params, image_vector, label, seed):
+        _, vjp = jax.vjp(lambda p: jax_model.example_loss(p, state, image_vector, label, train=True)[0], params)
+        return vjp(seed)[0]
+
+    example = (params, np.zeros(N_INPUTS, dtype), np.int32(0), np.dtype(dtype).type(1))
+    return jax.make_jaxpr(vjp_of_one_example, axis_env=[(BATCH_AXIS, batch)])(*example)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,21 +236,19 @@ def table(result: dict) -> Table:
 
 
 def plot_leakage(matrices: dict[str, np.ndarray], zero_note: str, path: Path) -> None:
-    """One heat map per decomposition: ``L[j, k]`` on a log colour scale, the diagonal blank."""
+    """One heat map per decomposition: ``L[j, k]`` on one linear colour scale, the diagonal blank."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
 
-    values = np.concatenate([m[np.isfinite(m)] for m in matrices.values()])
-    norm = LogNorm(vmin=max(values.min(), 1e-6), vmax=values.max())
-    fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices) + 1, 4.6), constrained_layout=True)
+    vmax = max(float(np.nanmax(m)) for m in matrices.values())
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.3 * len(matrices) + 1, 4.2), constrained_layout=True)
     for ax, (title, matrix) in zip(np.atleast_1d(axes), matrices.items()):
-        image = ax.imshow(matrix, norm=norm, cmap="viridis")
+        image = ax.imshow(matrix, vmin=0, vmax=vmax, cmap="viridis")
         ax.set(title=title, xlabel="k: the example replaced", ylabel="j: whose gradient moved")
-    fig.colorbar(image, ax=axes, label="|g_j' - g_j| / |g_j|")
-    fig.suptitle(f"Leakage between the examples of one batch, batch norm in training mode ({zero_note})")
+    fig.colorbar(image, ax=axes, label="|v_j' - v_j| / |v_j|  (v = g or J)")
+    fig.suptitle(f"Leakage between the examples of one batch, batch norm in training mode\n({zero_note})", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -257,7 +274,7 @@ def heatmaps(seed: int, dtype, images, labels, spare_images, spare_labels) -> tu
         name: np.nanmax(leakage_matrix(grads_of(*configs[name]), images, labels, spare_images, spare_labels))
         for name in ("bn off", "eval")
     }
-    note = ", ".join(f"{name}: max {_cell(value)}" for name, value in zeros.items())
+    note = "the same for g: " + ", ".join(f"{name} max {_cell(value)}" for name, value in zeros.items())
     return matrices, note
 
 
@@ -272,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="initial parameters and the batch drawn from MNIST")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST IDX .gz files")
     parser.add_argument("--out", type=Path, default=Path("."), help="where per_example.png goes")
+    parser.add_argument(
+        "--jaxpr", action="store_true", help="only print the jaxpr of one example's gradient and its collectives"
+    )
     return parser
 
 
@@ -281,6 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("--batch and --heatmap-batch must be at least 2 (batch norm's variance)")
     jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
     dtype = np.dtype(args.dtype)
+    if args.jaxpr:
+        closed = per_example_grad_jaxpr(dtype=dtype)
+        print(closed)
+        print("\n".join(summary_lines(find_collectives(closed))))
+        return 0
     train_images, train_labels, _, _ = load_mnist(args.data_dir)
     picked = np.random.default_rng(args.seed).choice(len(train_images), args.batch + args.heatmap_batch, replace=False)
     images, labels = train_images[picked[: args.batch]].astype(dtype), train_labels[picked[: args.batch]]

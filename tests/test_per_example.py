@@ -22,9 +22,11 @@ import pytest
 from compare import per_example as P
 from compare.contract import InputError
 from compare.init import init_state
+from compare.jaxpr import count_by_phase, find_collectives
 from compare.metrics import max_rel_err
 from jaxside import model as J
 from numpyside import model as N
+from numpyside.per_example import cross_entropy_rows
 from tests.helpers import random_params, random_state
 from tests.test_equivalence import BAD_INPUTS
 
@@ -207,6 +209,31 @@ def test_jacrev_row_b_is_the_gradient_of_loss_b_through_the_batch(batch):
     alone = J.to_numpy(jax.jit(jax.grad(loss_b))(params))
     errors = _leaf_errors([{k: v[b] for k, v in layer.items()} for layer in rows], alone)
     assert max(errors.values()) <= TOL_SAME_SIDE, errors
+
+
+def test_jacrev_rows_are_the_column_sums_of_the_handwritten_backward(batch):
+    """``J_b`` by hand: ``numpyside.model.backward`` seeded with loss ``b``'s cotangent only (row ``b``
+    of ``softmax - onehot``, the other rows 0). Its per-row terms, summed over the rows ``r``, are
+    ``J_b``; summed over the seeds ``b`` instead, they are ``g_r`` (the derivation's matrix ``C[r, b]``)."""
+    params, state, _ = _setup("bn train")
+    images, labels = batch[0], batch[1]
+    rows = P.loss_jacobian_rows(params, state, images, labels)
+    logits, _, caches = N.forward(params, state, images.astype(np.float64), train=True)
+    dlogits = cross_entropy_rows(logits, labels)[1]
+    for b in (0, 7):
+        seeded = np.zeros_like(dlogits)
+        seeded[b] = dlogits[b]
+        by_hand = N.backward(seeded, caches)
+        errors = _leaf_errors(by_hand, [{k: v[b] for k, v in layer.items()} for layer in rows])
+        assert max(errors.values()) <= TOL_SAME_SIDE, (b, errors)
+
+
+def test_the_per_example_jaxpr_has_the_coupling_collectives_in_its_backward():
+    """One example's VJP traced with the named axis: 2 ``psum`` per batch-norm layer forward (mean,
+    variance) and 2 in the backward (their transposes), nothing else over the batch."""
+    collectives = find_collectives(P.per_example_grad_jaxpr(batch=8))
+    assert count_by_phase(collectives) == {"forward": {"psum": 6}, "backward": {"psum": 6}}
+    assert all(c.axes == ("batch",) for c in collectives)
 
 
 # ----------------------------------------------------------------------------------------------
