@@ -241,12 +241,15 @@ def plot_leakage(matrices: dict[str, np.ndarray], zero_note: str, path: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     vmax = max(float(np.nanmax(m)) for m in matrices.values())
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.3 * len(matrices) + 1, 4.2), constrained_layout=True)
     for ax, (title, matrix) in zip(np.atleast_1d(axes), matrices.items()):
         image = ax.imshow(matrix, vmin=0, vmax=vmax, cmap="viridis")
         ax.set(title=title, xlabel="k: the example replaced", ylabel="j: whose gradient moved")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=axes, label="|v_j' - v_j| / |v_j|  (v = g or J)")
     fig.suptitle(f"Leakage between the examples of one batch, batch norm in training mode\n({zero_note})", fontsize=10)
     fig.savefig(path, dpi=110)
