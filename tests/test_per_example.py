@@ -14,6 +14,7 @@ Tolerances, per leaf, the project's normwise ``max|a - b| / max|b|``:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -300,3 +301,13 @@ def test_float64_needs_jax_64_bit_mode():
             J.per_example_grads(params, state, images, labels)
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+def test_doc_code_links_point_at_the_statement_they_name():
+    """Each ``[`code`](../file.py#L123)`` link of ``docs/per_example_gradients.md``: line 123 holds ``code``."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "per_example_gradients.md"
+    links = re.findall(r"\[`([^`]+)`\]\((\.\./[^)#]+)#L(\d+)\)", doc.read_text(encoding="utf-8"))
+    assert len(links) >= 7
+    for code, target, line in links:
+        lines = (doc.parent / target).resolve().read_text(encoding="utf-8").splitlines()
+        assert code in lines[int(line) - 1], f"{target}#L{line}: expected {code!r} (stale link)"
