@@ -261,6 +261,22 @@ def test_measure_on_a_small_batch_passes_its_checks_and_sees_the_leak(batch):
     assert any("eval" in problem for problem in P.failures(broken))
 
 
+def test_cli_prints_the_table_writes_the_heat_map_and_exits_0(batch, tmp_path, capsys):
+    """``python -m compare.per_example`` end to end, at the test batch size (its shapes are compiled)."""
+    assert P.main(["--batch", str(BATCH), "--heatmap-batch", str(BATCH), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "all parameters" in out and "all checks hold" in out
+    assert (tmp_path / "per_example.png").stat().st_size > 10_000
+
+
+def test_cli_jaxpr_and_bad_arguments(capsys):
+    assert P.main(["--jaxpr"]) == 0
+    assert "backward: 6 collectives (psum x6)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        P.main(["--batch", "1"])
+    assert info.value.code == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: as for loss_and_grads, the same InputError on both sides
 # ----------------------------------------------------------------------------------------------
