@@ -140,48 +140,59 @@ def _configurations(seed: int, dtype, images, labels) -> dict[str, tuple]:
     }
 
 
+def _side_agreement(params, state, images, labels, train: bool) -> dict[str, float]:
+    """numpy vs jax ``per_example_grads``, per leaf (``max|a - b| / max|b|``, b = JAX)."""
+    jax_grads = jax_model.per_example_grads(params, state, images, labels, train=train)[1]
+    numpy_grads = numpy_model.per_example_grads(params, state, images, labels, train=train)[1]
+    return {label: max_rel_err(b, a) for (label, a), (_, b) in zip(leaves(jax_grads), leaves(numpy_grads))}
+
+
+def _add_leakage(rows: dict, total: dict, column: str, before: Grads, after: Grads, changed: int) -> None:
+    for (label, leaf), (_, leaf_after) in zip(leaves(before), leaves(after)):
+        rows.setdefault(label, {})[column] = leakage(leaf, leaf_after, changed)
+    total[column] = leakage(flat_rows(before), flat_rows(after), changed)
+
+
 def measure(params_seed: int, dtype, images, labels, spare_image, spare_label, changed: int = 0) -> dict:
-    """Every number of the table, per parameter (``rows``) and over all parameters (``all``)."""
+    """Every number of the table, per parameter (``rows``) and over all parameters (``all``).
+
+    Example ``changed`` is replaced by ``(spare_image, spare_label)`` for the leakage columns.
+    """
     configs = _configurations(params_seed, dtype, images, labels)
     batch = len(images)
     changed_batch = replaced(images, labels, changed, spare_image, spare_label)
-
     rows: dict[str, dict] = {}
     total: dict[str, float] = {}
-    leaked_flat: dict[str, float] = {}
-    agreement_other: dict[str, float] = {}
+
+    # batch norm in training mode: the two sides, the sums, the jacrev rows
+    params, state, _ = configs["bn train"]
+    agreement = _side_agreement(params, state, images, labels, train=True)
+    g = jax_model.per_example_grads(params, state, images, labels)[1]
+    jac = loss_jacobian_rows(params, state, images, labels)
+    batch_grads = jax_model.loss_and_grads(params, state, images, labels)[1]
+    for (label, g_leaf), (_, jac_leaf), (_, batch_leaf) in zip(leaves(g), leaves(jac), leaves(batch_grads)):
+        rows[label] = {
+            "numpy vs jax": agreement[label],
+            "sum g vs B grad": max_rel_err(g_leaf.sum(axis=0), batch * batch_leaf),
+            "sum J vs B grad": max_rel_err(jac_leaf.sum(axis=0), batch * batch_leaf),
+            "J vs g": float(row_distance(jac_leaf, g_leaf).max()),
+        }
+    for column in ("numpy vs jax", "sum g vs B grad", "sum J vs B grad"):
+        total[column] = max(row[column] for row in rows.values())
+    total["J vs g"] = float(row_distance(flat_rows(jac), flat_rows(g)).max())
+
+    # leakage: g in all three modes, J with batch norm in training mode
     for name, (p, s, train) in configs.items():
-        g = jax_model.per_example_grads(p, s, images, labels, train=train)[1]
-        g_changed = jax_model.per_example_grads(p, s, *changed_batch, train=train)[1]
-        g_numpy = numpy_model.per_example_grads(p, s, images, labels, train=train)[1]
-        agreement = max(max_rel_err(b, a) for (_, a), (_, b) in zip(leaves(g), leaves(g_numpy)))
-        leaked_flat[name] = leakage(flat_rows(g), flat_rows(g_changed), changed)
-        for label, leaf in leaves(g):
-            rows.setdefault(label, {})[f"leak {name}"] = leakage(leaf, dict(leaves(g_changed))[label], changed)
-        if name != "bn train":
-            agreement_other[name] = agreement
-            continue
-        total["numpy vs jax"] = agreement
-        batch_grads = jax_model.loss_and_grads(p, s, images, labels)[1]
-        jac = loss_jacobian_rows(p, s, images, labels)
-        jac_changed = loss_jacobian_rows(p, s, *changed_batch)
-        for (label, leaf), (_, leaf_np), (_, batch_leaf), (_, jac_leaf), (_, jac_leaf_changed) in zip(
-            leaves(g), leaves(g_numpy), leaves(batch_grads), leaves(jac), leaves(jac_changed)
-        ):
-            rows[label].update(
-                {
-                    "numpy vs jax": max_rel_err(leaf_np, leaf),
-                    "sum g vs B grad": max_rel_err(leaf.sum(axis=0), batch * batch_leaf),
-                    "sum J vs B grad": max_rel_err(jac_leaf.sum(axis=0), batch * batch_leaf),
-                    "J vs g": float(row_distance(jac_leaf, leaf).max()),
-                    "leak jacrev": leakage(jac_leaf, jac_leaf_changed, changed),
-                }
-            )
-        total["sum g vs B grad"] = max(r["sum g vs B grad"] for r in rows.values() if "sum g vs B grad" in r)
-        total["sum J vs B grad"] = max(r["sum J vs B grad"] for r in rows.values() if "sum J vs B grad" in r)
-        total["J vs g"] = float(row_distance(flat_rows(jac), flat_rows(g)).max())
-        total["leak jacrev"] = leakage(flat_rows(jac), flat_rows(jac_changed), changed)
-    total.update({f"leak {name}": value for name, value in leaked_flat.items()})
+        before = jax_model.per_example_grads(p, s, images, labels, train=train)[1]
+        after = jax_model.per_example_grads(p, s, *changed_batch, train=train)[1]
+        _add_leakage(rows, total, f"leak {name}", before, after, changed)
+    _add_leakage(rows, total, "leak jacrev", jac, loss_jacobian_rows(params, state, *changed_batch), changed)
+
+    agreement_other = {
+        name: max(_side_agreement(p, s, images, labels, train).values())
+        for name, (p, s, train) in configs.items()
+        if name != "bn train"
+    }
     return {"rows": rows, "all": total, "agreement_other": agreement_other, "batch": batch, "dtype": str(dtype)}
 
 
