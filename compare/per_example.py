@@ -29,7 +29,7 @@ from rich.table import Table
 
 from compare.contract import N_INPUTS
 from compare.init import init_params, init_state
-from compare.jaxpr import find_collectives, summary_lines
+from compare.jaxpr import FORWARD, by_direction, highlighted, is_named_collective, phrase
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_rel_err
 from compare.mnist import load_mnist
 from compare.step0 import TOLERANCE
@@ -106,21 +106,26 @@ def leakage_matrix(per_example: Callable, images, labels, spare_images, spare_la
     return matrix
 
 
-def per_example_grad_jaxpr(batch: int = 8, dtype=np.float32):
-    """The jaxpr of the VJP of ONE example's loss w.r.t. the parameters (batch norm in training mode),
-    traced with the named axis ``"batch"`` of size ``batch`` in the axis environment.
+def per_example_grad_jaxprs(batch: int = 8, dtype=np.float32):
+    """``(forward, vjp)`` jaxprs of ONE example's loss and of its VJP w.r.t. the parameters (batch norm
+    in training mode), traced with the named axis ``"batch"`` of size ``batch`` in the axis environment.
 
-    Inputs ``(params, image_vector, label, seed)``; ``seed`` is the cotangent of the example's loss
-    (``jax.grad`` uses 1.0), the last input, as :func:`compare.jaxpr.find_collectives` expects.
+    The forward takes ``(params, image_vector, label)``; the VJP also ``seed``, the cotangent of the
+    example's loss (``jax.grad`` uses 1.0), and returns the gradients in the layout of ``params``.
     """
     params, state = init_params(0, dtype), init_state(dtype)
 
+    def loss_of_one_example(params, image_vector, label):
+        return jax_model.example_loss(params, state, image_vector, label, train=True)[0]
+
     def vjp_of_one_example(params, image_vector, label, seed):
-        _, vjp = jax.vjp(lambda p: jax_model.example_loss(p, state, image_vector, label, train=True)[0], params)
+        _, vjp = jax.vjp(lambda p: loss_of_one_example(p, image_vector, label), params)
         return vjp(seed)[0]
 
-    example = (params, np.zeros(N_INPUTS, dtype), np.int32(0), np.dtype(dtype).type(1))
-    return jax.make_jaxpr(vjp_of_one_example, axis_env=[(BATCH_AXIS, batch)])(*example)
+    example = (params, np.zeros(N_INPUTS, dtype), np.int32(0))
+    env = [(BATCH_AXIS, batch)]
+    forward = jax.make_jaxpr(loss_of_one_example, axis_env=env)(*example)
+    return forward, jax.make_jaxpr(vjp_of_one_example, axis_env=env)(*example, np.dtype(dtype).type(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,9 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
     dtype = np.dtype(args.dtype)
     if args.jaxpr:
-        closed = per_example_grad_jaxpr(dtype=dtype)
-        print(closed)
-        print("\n".join(summary_lines(find_collectives(closed))))
+        console = Console(highlight=False, soft_wrap=True)
+        forward, vjp = per_example_grad_jaxprs(dtype=dtype)
+        counts = by_direction(forward, vjp, is_named_collective)
+        console.print(highlighted(vjp, sum(counts[FORWARD].values())), end="")
+        for direction, counter in counts.items():
+            console.print(f"{direction + ':':9} {phrase(counter, 'collective')}")
         return 0
     train_images, train_labels, _, _ = load_mnist(args.data_dir)
     picked = np.random.default_rng(args.seed).choice(len(train_images), args.batch + args.heatmap_batch, replace=False)

@@ -10,6 +10,7 @@ validated by :func:`compare.contract.check_inputs`:
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
 * ``train_logits(params, state, images) -> logits (B, 10)`` (training mode, batch statistics)
+* ``per_example_grads(params, state, images, labels, *, train=True) -> (losses, grads, new_state)`` (leaves (B, ...))
 
 All take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
 """
