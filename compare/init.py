@@ -51,3 +51,21 @@ def init_state(dtype=np.float32, batch_norm: bool = True) -> list[dict[str, np.n
     if not batch_norm:
         return []
     return [{"mean": np.zeros(s["mean"], dtype), "var": np.ones(s["var"], dtype)} for s in state_shapes()]
+
+
+def init_ensemble(seeds, dtype=np.float32, batch_norm: bool = True) -> tuple[list[dict], list[dict]]:
+    """``M = len(seeds)`` members stacked on a new leading axis of every leaf (the ensemble layout).
+
+    Member ``k`` is exactly ``init_params(seeds[k], dtype, batch_norm)`` and ``init_state(dtype,
+    batch_norm)``: ``params[i]["weight"]`` is ``(M, in, out)``, ``state[i]["mean"]`` is ``(M, 100)``.
+    With batch norm off the state is ``[]``, as the contract has it.
+    """
+    seeds = [int(seed) for seed in np.atleast_1d(np.asarray(seeds))]
+    if not seeds:
+        raise InputError("an ensemble needs at least one member: seeds is empty")
+    members = [init_params(seed, dtype, batch_norm) for seed in seeds]
+    params = [{key: np.stack([m[i][key] for m in members]) for key in layer} for i, layer in enumerate(members[0])]
+    state = [
+        {key: np.stack([value] * len(seeds)) for key, value in layer.items()} for layer in init_state(dtype, batch_norm)
+    ]
+    return params, state

@@ -32,22 +32,32 @@ State = list[dict[str, Float[Array, " n"]]]
 
 
 def update_running_stats(
-    running: dict[str, Float[Array, " n"]], mean: Float[Array, " n"], var: Float[Array, " n"], n: Int[Array, ""]
+    running: dict[str, Float[Array, " n"]],
+    mean: Float[Array, " n"],
+    var: Float[Array, " n"],
+    n: Int[Array, ""],
+    momentum: float | Float[Array, ""] = BN_MOMENTUM,
 ) -> dict[str, Float[Array, " n"]]:
-    """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = 0.1``.
+    """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = momentum`` (0.1).
 
     The running variance takes the *unbiased* batch variance ``var * n / (n - 1)`` (``var`` itself,
     used for normalising, is the biased one).
     """
     unbiased = var * jnp.asarray(n / (n - 1), dtype=var.dtype)
     return {
-        "mean": (1 - BN_MOMENTUM) * running["mean"] + BN_MOMENTUM * mean,
-        "var": (1 - BN_MOMENTUM) * running["var"] + BN_MOMENTUM * unbiased,
+        "mean": (1 - momentum) * running["mean"] + momentum * mean,
+        "var": (1 - momentum) * running["var"] + momentum * unbiased,
     }
 
 
 def forward_pass(
-    params: Params, state: State, image_vector: Float[Array, " x"], *, train: bool
+    params: Params,
+    state: State,
+    image_vector: Float[Array, " x"],
+    *,
+    train: bool,
+    axis_name: str | tuple[str, ...] = BATCH_AXIS,
+    bn_momentum: float | Float[Array, ""] = BN_MOMENTUM,
 ) -> tuple[Float[Array, " classes"], State]:
     """Logits of ONE image and the new running statistics.
 
@@ -55,6 +65,9 @@ def forward_pass(
     output layer: ``x @ W + b``. With ``train=True`` batch norm uses the batch statistics (via
     ``pmean``, so this must run under ``jax.vmap(..., axis_name="batch")``) and returns the updated
     running statistics; with ``train=False`` it uses ``state`` and returns it unchanged.
+
+    ``axis_name`` is the vmapped axis (or tuple of axes) the statistics cover and ``bn_momentum``
+    the running statistics' momentum (may be traced); :mod:`jaxside.ensemble` sets them.
     """
     if image_vector.ndim != 1:
         raise InputError(
@@ -67,8 +80,8 @@ def forward_pass(
         x = linear(x, layer["weight"], layer.get("bias"))
         if "gamma" in layer:
             if train:
-                x, (mean, var) = batchnorm_train(x, layer["gamma"], layer["beta"])
-                new_state.append(update_running_stats(state[i], mean, var, batch_size()))
+                x, (mean, var) = batchnorm_train(x, layer["gamma"], layer["beta"], axis_name=axis_name)
+                new_state.append(update_running_stats(state[i], mean, var, batch_size(axis_name), bn_momentum))
             else:
                 x = batchnorm_eval(x, layer["gamma"], layer["beta"], state[i]["mean"], state[i]["var"])
                 new_state.append(state[i])

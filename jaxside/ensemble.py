@@ -1,0 +1,311 @@
+"""An ensemble of ``M`` batch-normed models in one program: the per-example ``forward_pass``, unchanged,
+under nested ``vmap``s. Mirror: :mod:`numpyside.ensemble`; layout and checks: :mod:`compare.ensemble_contract`.
+
+* outer ``vmap`` over members, ``axis_name="member"`` (stacked parameters, state and momenta);
+* a ``vmap`` over ghost batches, ``axis_name="ghost"`` (``G`` sub-batches of consecutive examples);
+* inner ``vmap`` over examples, ``axis_name="batch"``: batch norm's ``pmean`` runs over ``"batch"``,
+  or over ``("member", "batch")`` when the statistics are pooled over the members.
+
+Public API (NumPy in, NumPy out): ``loss_and_grads(params, state, images, labels, *, pool_members,
+ghost_batches, bn_momentum) -> (losses (M,), grads, new_state)``, ``predict_logits(params, state,
+images) -> (M, B, 10)``, and :class:`Trainer` (an epoch as one jitted ``lax.scan``, per-member
+learning rates and momenta as traced ``(M,)`` arrays: one compilation serves a sweep).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from compare import ensemble_contract
+from jaxside.layers import BATCH_AXIS
+from jaxside.model import batched_forward, check_float64_enabled, forward_pass, to_numpy
+from jaxside.train import sgd_momentum
+
+MEMBER_AXIS = "member"
+GHOST_AXIS = "ghost"
+
+
+def member_batch_loss(
+    params,
+    state,
+    images: Float[Array, "batch x"],
+    labels: Int[Array, " batch"],
+    bn_momentum: Float[Array, ""],
+    *,
+    pool_members: bool,
+    ghost_batches: int,
+):
+    r"""One member's mean cross-entropy over its ``B`` examples, and its new running statistics.
+
+    The batch is split into ``G`` ghost batches of ``n = B / G`` consecutive examples, each
+    normalised with its own statistics (``pmean`` over ``"batch"``; with ``pool_members``, over
+    ``("member", "batch")``, i.e. all ``M x B`` examples). Each ghost batch's ``forward_pass``
+    returns its momentum step; the new state is their mean over the ghosts,
+    ``(1 - m) r + m \tfrac1G \sum_g \mu_g`` (and the unbiased variances alike).
+
+    ``G = 1`` runs without the ghost ``vmap``. (A ghost axis of size 1 gives the same losses and
+    gradients bit for bit, but XLA fuses the running variance's reduction differently there, 1 ulp.)
+    """
+    axis_name = (MEMBER_AXIS, BATCH_AXIS) if pool_members else BATCH_AXIS
+
+    def one_example(image_vector):
+        return forward_pass(params, state, image_vector, train=True, axis_name=axis_name, bn_momentum=bn_momentum)
+
+    def one_ghost(ghost_images):
+        return jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(ghost_images)
+
+    if ghost_batches == 1:  # the plain nested vmap: G = 1 IS the default program, bit for bit
+        logits, new_state = one_ghost(images)
+    else:
+        ghosts = images.reshape(ghost_batches, -1, images.shape[-1])
+        logits, ghost_states = jax.vmap(one_ghost, axis_name=GHOST_AXIS)(ghosts)
+        new_state = jax.tree_util.tree_map(lambda s: s.mean(axis=0), ghost_states)
+    log_probs = jax.nn.log_softmax(logits.reshape(images.shape[0], -1), axis=-1)
+    picked = jax.vmap(operator.getitem)(log_probs, labels)
+    return -picked.mean(), new_state
+
+
+def ensemble_loss_and_grads(
+    params, state, images, labels, bn_momentum, *, per_member: bool, pool_members: bool, ghost_batches: int
+):
+    """``jax.value_and_grad`` of :func:`member_batch_loss`, vmapped over ``"member"``.
+
+    With pooled statistics the transposed ``pmean`` over ``("member", "batch")`` carries cotangents
+    across members, so member ``k``'s gradient is that of the SUM of the members' losses.
+    """
+    loss_fn = functools.partial(member_batch_loss, pool_members=pool_members, ghost_batches=ghost_batches)
+    batch_axis = 0 if per_member else None
+    (losses, new_state), grads = jax.vmap(
+        jax.value_and_grad(loss_fn, has_aux=True),
+        in_axes=(0, 0, batch_axis, batch_axis, 0),
+        axis_name=MEMBER_AXIS,
+    )(params, state, images, labels, bn_momentum)
+    return losses, grads, new_state
+
+
+_loss_and_grads = jax.jit(ensemble_loss_and_grads, static_argnames=("per_member", "pool_members", "ghost_batches"))
+
+
+@functools.partial(jax.jit, static_argnames=("per_member",))
+def _predict_logits(params, state, images, *, per_member: bool):
+    def one_member(member_params, member_state, member_images):
+        return batched_forward(member_params, member_state, member_images, train=False)[0]
+
+    return jax.vmap(one_member, in_axes=(0, 0, 0 if per_member else None), axis_name=MEMBER_AXIS)(params, state, images)
+
+
+def loss_and_grads(params, state, images, labels, *, pool_members=False, ghost_batches=1, bn_momentum=None):
+    """Per-member training-mode losses ``(M,)``, gradients and new running statistics (stacked).
+
+    ``images`` ``(B, 784)`` (every member sees the same batch) or ``(M, B, 784)`` (each its own);
+    ``labels`` ``(B,)`` or ``(M, B)`` to match. Bad input raises :class:`compare.contract.InputError`.
+    """
+    _, _, dtype, images, labels, per_member, ghost_batches, momentum = ensemble_contract.check_ensemble_inputs(
+        params, state, images, labels, ghost_batches=ghost_batches, pool_members=pool_members, bn_momentum=bn_momentum
+    )
+    check_float64_enabled(dtype)
+    losses, grads, new_state = _loss_and_grads(
+        params,
+        list(state or []),
+        images,
+        labels,
+        momentum,
+        per_member=per_member,
+        pool_members=bool(pool_members),
+        ghost_batches=ghost_batches,
+    )
+    return np.asarray(losses), to_numpy(grads), to_numpy(new_state)
+
+
+def predict_logits(params, state, images) -> np.ndarray:
+    """Eval-mode logits ``(M, B, 10)`` (running statistics; independent of any ghost batching)."""
+    _, _, dtype, images, _, per_member, _, _ = ensemble_contract.check_ensemble_inputs(params, state, images)
+    check_float64_enabled(dtype)
+    return np.asarray(_predict_logits(params, list(state or []), images, per_member=per_member))
+
+
+# ------------------------------------------------------------------------------------------------
+# training: an epoch as one jitted lax.scan; per-member hyper-parameters are traced (M,) arrays
+# ------------------------------------------------------------------------------------------------
+
+
+def train_epoch(
+    params,
+    velocity,
+    state,
+    images: Float[Array, "n x"],
+    labels: Int[Array, " n"],
+    batch_indices: Int[Array, "steps *members batch"],
+    learning_rates: Float[Array, "steps members"],
+    momentum: Float[Array, " members"],
+    bn_momentum: Float[Array, " members"],
+    *,
+    pool_members: bool,
+    ghost_batches: int,
+):
+    """One epoch for all members: ``lax.scan`` of (gather batch, :func:`ensemble_loss_and_grads`,
+    per-member SGD step) over ``batch_indices`` (``(steps, B)`` shared or ``(steps, M, B)`` per member).
+
+    Member ``k`` steps with ``learning_rates[:, k]`` and SGD momentum ``momentum[k]``, both traced.
+    Returns the new ``(params, velocity, state)`` and the per-step losses ``(steps, M)``.
+    """
+    per_member = batch_indices.ndim == 3
+
+    def step(carry, step_inputs):
+        params, velocity, state = carry
+        indices, lr = step_inputs
+        losses, grads, state = ensemble_loss_and_grads(
+            params,
+            state,
+            images[indices],
+            labels[indices],
+            bn_momentum,
+            per_member=per_member,
+            pool_members=pool_members,
+            ghost_batches=ghost_batches,
+        )
+        params, velocity = jax.vmap(sgd_momentum)(params, velocity, grads, lr, momentum)
+        return (params, velocity, state), losses
+
+    (params, velocity, state), losses = jax.lax.scan(step, (params, velocity, state), (batch_indices, learning_rates))
+    return params, velocity, state, losses
+
+
+_train_epoch_jit = jax.jit(train_epoch, static_argnames=("pool_members", "ghost_batches"), donate_argnums=(0, 1, 2))
+
+#: Compiled epochs, keyed by everything XLA specialises on (shapes, dtypes, static options).
+_COMPILED: dict = {}
+
+
+def compile_count() -> int:
+    """How many epoch programs have been compiled in this process (a sweep over learning rates,
+    SGD momenta and BN momenta of the same shapes adds exactly one)."""
+    return len(_COMPILED)
+
+
+def _per_member(value, n_members: int, dtype, name: str) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        array = np.full(n_members, array)
+    if array.shape != (n_members,) or not np.all(np.isfinite(array)):
+        raise ensemble_contract.InputError(
+            f"{name} must be a finite number or one per member, shape ({n_members},), got {np.shape(value)}"
+        )
+    return array.astype(dtype)
+
+
+class Trainer:
+    """All members' device buffers and the training set; one ``epoch()`` per call.
+
+    ``momentum`` (SGD) and ``bn_momentum`` are numbers or ``(M,)`` arrays; learning rates come per
+    step, ``(steps,)`` shared or ``(steps, M)`` per member. All of them are traced: a Trainer with
+    other values but the same shapes reuses the compiled epoch (:func:`compile_count`).
+    """
+
+    def __init__(
+        self,
+        params,
+        state,
+        train_images,
+        train_labels,
+        *,
+        momentum,
+        bn_momentum=None,
+        pool_members: bool = False,
+        ghost_batches: int = 1,
+    ):
+        n_members, batch_norm, dtype = ensemble_contract.check_ensemble_params(params)
+        check_float64_enabled(dtype)
+        images, labels, per_member = ensemble_contract.check_ensemble_batch(
+            train_images, train_labels, n_members, dtype
+        )
+        if per_member:
+            raise ensemble_contract.InputError(
+                "the training set is shared by the members: pass images (n, 784); per-member batch orders "
+                "come from epoch(batch_indices of shape (steps, M, B))"
+            )
+        ensemble_contract.check_ensemble_state(state, n_members, batch_norm, dtype)
+        bn_momentum = ensemble_contract.check_bn_momentum(bn_momentum, n_members, dtype)
+        if not isinstance(pool_members, (bool, np.bool_)):
+            raise ensemble_contract.InputError(f"pool_members must be True or False, got {pool_members!r}")
+        self.n_members, self.dtype = n_members, dtype
+        self.pool_members, self.ghost_batches = bool(pool_members), ghost_batches
+        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), params)
+        self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
+        self.state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), list(state or []))
+        self.images, self.labels = jax.device_put(images), jax.device_put(labels)
+        self.momentum = jnp.asarray(_per_member(momentum, n_members, dtype, "momentum"))
+        self.bn_momentum = jnp.asarray(bn_momentum)
+
+    def _epoch_args(self, batch_indices, learning_rates):
+        batch_indices = np.asarray(batch_indices)
+        if batch_indices.ndim not in (2, 3) or (batch_indices.ndim == 3 and batch_indices.shape[1] != self.n_members):
+            raise ensemble_contract.InputError(
+                f"batch_indices must be (steps, B) shared or (steps, {self.n_members}, B) per member, "
+                f"got {batch_indices.shape}"
+            )
+        ensemble_contract.check_ghost_batches(
+            self.ghost_batches, batch_indices.shape[-1], self.pool_members, bool(self.state)
+        )
+        rates = np.asarray(learning_rates, np.float64)
+        if rates.ndim == 1:
+            rates = np.repeat(rates[:, None], self.n_members, axis=1)
+        if rates.shape != (batch_indices.shape[0], self.n_members):
+            raise ensemble_contract.InputError(
+                f"learning_rates must be (steps,) or (steps, {self.n_members}) with steps = "
+                f"{batch_indices.shape[0]}, got {np.shape(learning_rates)}"
+            )
+        return (
+            self.params,
+            self.velocity,
+            self.state,
+            self.images,
+            self.labels,
+            jnp.asarray(batch_indices, jnp.int32),
+            jnp.asarray(rates, self.dtype),
+            self.momentum,
+            self.bn_momentum,
+        )
+
+    def _compiled(self, args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves), self.pool_members, self.ghost_batches)
+        if key not in _COMPILED:
+            statics = dict(pool_members=self.pool_members, ghost_batches=self.ghost_batches)
+            _COMPILED[key] = _train_epoch_jit.lower(*args, **statics).compile()
+        return _COMPILED[key]
+
+    def compile(self, steps: int, batch_size: int, *, per_member_batches: bool = False) -> float:
+        """Compile the epoch for ``steps`` batches of ``batch_size`` ahead of time; return the seconds."""
+        start = time.perf_counter()
+        shape = (steps, self.n_members, batch_size) if per_member_batches else (steps, batch_size)
+        self._compiled(self._epoch_args(np.zeros(shape, np.int32), np.zeros(steps)))
+        return time.perf_counter() - start
+
+    def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
+        """Train every member on its batches; return the per-step losses ``(steps, M)``."""
+        args = self._epoch_args(batch_indices, learning_rates)
+        self.params, self.velocity, self.state, losses = self._compiled(args)(*args)
+        return np.asarray(losses)
+
+    def predict_logits(self, images) -> np.ndarray:
+        """Eval-mode logits ``(M, n, 10)`` of shared images ``(n, 784)``."""
+        images, _, per_member = ensemble_contract.check_ensemble_batch(images, None, self.n_members, self.dtype)
+        return np.asarray(_predict_logits(self.params, self.state, jnp.asarray(images), per_member=per_member))
+
+    def predict(self, images) -> np.ndarray:
+        """Eval-mode class predictions ``(M, n)``."""
+        return np.argmax(self.predict_logits(images), axis=-1)
+
+    def params_numpy(self):
+        return to_numpy(self.params)
+
+    def state_numpy(self):
+        return to_numpy(self.state)
