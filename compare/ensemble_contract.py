@@ -175,3 +175,45 @@ def check_ensemble_inputs(params, state, images, labels=None, *, ghost_batches=1
             contract.check_training_batch_size(n_members * images.shape[-2])
     momentum = check_bn_momentum(bn_momentum, n_members, dtype)
     return n_members, batch_norm, dtype, images, labels, per_member, ghost_batches, momentum
+
+
+def per_member_values(value: Any, n_members: int, dtype: np.dtype, name: str) -> np.ndarray:
+    """A hyper-parameter given as one number for all members or one per member: ``(M,)`` in ``dtype``."""
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InputError(f"{name} must be a number or one number per member, got dtype {array.dtype}")
+    if array.ndim == 0:
+        array = np.full(n_members, array)
+    if array.shape != (n_members,):
+        raise InputError(f"{name} must be a number or one per member, shape ({n_members},), got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name} must be finite, got {array}")
+    return array.astype(dtype)
+
+
+def check_epoch(batch_indices: Any, learning_rates: Any, n_members: int, n_examples: int):
+    """An epoch's batches, ``(steps, B)`` shared or ``(steps, M, B)`` per member, with indices into
+    the training set, and its learning rates, ``(steps,)`` shared or ``(steps, M)`` per member.
+
+    Returns ``(batch_indices int32, learning_rates (steps, M) float64)``.
+    """
+    indices = np.asarray(batch_indices)
+    if indices.ndim not in (2, 3) or (indices.ndim == 3 and indices.shape[1] != n_members) or indices.size == 0:
+        raise InputError(
+            f"batch_indices must be (steps, B) shared or (steps, {n_members}, B) per member, got {indices.shape}"
+        )
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise InputError(f"batch_indices must be integers, got dtype {indices.dtype}")
+    if indices.min() < 0 or indices.max() >= n_examples:
+        raise InputError(
+            f"batch_indices must lie in 0..{n_examples - 1} (the training set), found {indices.min()}..{indices.max()}"
+        )
+    rates = np.asarray(learning_rates, dtype=np.float64)
+    if rates.ndim == 1:
+        rates = np.repeat(rates[:, None], n_members, axis=1)
+    if rates.shape != (indices.shape[0], n_members) or not np.all(np.isfinite(rates)):
+        raise InputError(
+            f"learning_rates must be finite, (steps,) or (steps, {n_members}) with steps = {indices.shape[0]}, "
+            f"got shape {np.shape(learning_rates)}"
+        )
+    return indices.astype(np.int32, copy=False), rates

@@ -190,17 +190,6 @@ def compile_count() -> int:
     return len(_COMPILED)
 
 
-def _per_member(value, n_members: int, dtype, name: str) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float64)
-    if array.ndim == 0:
-        array = np.full(n_members, array)
-    if array.shape != (n_members,) or not np.all(np.isfinite(array)):
-        raise ensemble_contract.InputError(
-            f"{name} must be a finite number or one per member, shape ({n_members},), got {np.shape(value)}"
-        )
-    return array.astype(dtype)
-
-
 class Trainer:
     """All members' device buffers and the training set; one ``epoch()`` per call.
 
@@ -241,27 +230,16 @@ class Trainer:
         self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
         self.state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), list(state or []))
         self.images, self.labels = jax.device_put(images), jax.device_put(labels)
-        self.momentum = jnp.asarray(_per_member(momentum, n_members, dtype, "momentum"))
+        self.momentum = jnp.asarray(ensemble_contract.per_member_values(momentum, n_members, dtype, "momentum"))
         self.bn_momentum = jnp.asarray(bn_momentum)
 
     def _epoch_args(self, batch_indices, learning_rates):
-        batch_indices = np.asarray(batch_indices)
-        if batch_indices.ndim not in (2, 3) or (batch_indices.ndim == 3 and batch_indices.shape[1] != self.n_members):
-            raise ensemble_contract.InputError(
-                f"batch_indices must be (steps, B) shared or (steps, {self.n_members}, B) per member, "
-                f"got {batch_indices.shape}"
-            )
+        batch_indices, rates = ensemble_contract.check_epoch(
+            batch_indices, learning_rates, self.n_members, self.images.shape[0]
+        )
         ensemble_contract.check_ghost_batches(
             self.ghost_batches, batch_indices.shape[-1], self.pool_members, bool(self.state)
         )
-        rates = np.asarray(learning_rates, np.float64)
-        if rates.ndim == 1:
-            rates = np.repeat(rates[:, None], self.n_members, axis=1)
-        if rates.shape != (batch_indices.shape[0], self.n_members):
-            raise ensemble_contract.InputError(
-                f"learning_rates must be (steps,) or (steps, {self.n_members}) with steps = "
-                f"{batch_indices.shape[0]}, got {np.shape(learning_rates)}"
-            )
         return (
             self.params,
             self.velocity,
