@@ -32,17 +32,16 @@ MEMBER_AXIS = "member"
 GHOST_AXIS = "ghost"
 
 
-def member_batch_loss(
+def member_forward(
     params,
     state,
     images: Float[Array, "batch x"],
-    labels: Int[Array, " batch"],
     bn_momentum: Float[Array, ""],
     *,
     pool_members: bool,
     ghost_batches: int,
 ):
-    r"""One member's mean cross-entropy over its ``B`` examples, and its new running statistics.
+    r"""One member's training-mode logits ``(B, 10)`` and new running statistics.
 
     The batch is split into ``G`` ghost batches of ``n = B / G`` consecutive examples, each
     normalised with its own statistics (``pmean`` over ``"batch"``; with ``pool_members``, over
@@ -62,12 +61,18 @@ def member_batch_loss(
         return jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(ghost_images)
 
     if ghost_batches == 1:  # the plain nested vmap: G = 1 IS the default program, bit for bit
-        logits, new_state = one_ghost(images)
-    else:
-        ghosts = images.reshape(ghost_batches, -1, images.shape[-1])
-        logits, ghost_states = jax.vmap(one_ghost, axis_name=GHOST_AXIS)(ghosts)
-        new_state = jax.tree_util.tree_map(lambda s: s.mean(axis=0), ghost_states)
-    log_probs = jax.nn.log_softmax(logits.reshape(images.shape[0], -1), axis=-1)
+        return one_ghost(images)
+    ghosts = images.reshape(ghost_batches, -1, images.shape[-1])
+    logits, ghost_states = jax.vmap(one_ghost, axis_name=GHOST_AXIS)(ghosts)
+    new_state = jax.tree_util.tree_map(lambda s: s.mean(axis=0), ghost_states)
+    return logits.reshape(images.shape[0], -1), new_state
+
+
+def member_batch_loss(params, state, images, labels: Int[Array, " batch"], bn_momentum, **options):
+    """One member's mean cross-entropy over its ``B`` examples (as ``jaxside.model.batch_loss``),
+    and its new running statistics; ``options`` go to :func:`member_forward`."""
+    logits, new_state = member_forward(params, state, images, bn_momentum, **options)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     picked = jax.vmap(operator.getitem)(log_probs, labels)
     return -picked.mean(), new_state
 
