@@ -27,7 +27,9 @@ def comparison_figure(report: dict) -> plt.Figure:
     rows = report["epochs"]
     epochs = [r["epoch"] for r in rows]
     titles = report["sides"]
-    fig, (acc_ax, loss_ax, drift_ax) = plt.subplots(1, 3, figsize=(15, 4.4))
+    ensemble = report.get("ensemble")  # compare/run.py --ensemble M: a fourth panel
+    fig, axes = plt.subplots(1, 4 if ensemble else 3, figsize=(20 if ensemble else 15, 4.4))
+    acc_ax, loss_ax, drift_ax = axes[:3]
 
     for key, style in (("jax", JAX_STYLE), ("numpy", NUMPY_STYLE)):
         acc_ax.plot(epochs, [100 * r["test_accuracy"][key] for r in rows], label=titles[key], **style)
@@ -46,6 +48,11 @@ def comparison_figure(report: dict) -> plt.Figure:
     for ax in (acc_ax, loss_ax, drift_ax):
         ax.grid(alpha=0.3, which="both")
         ax.set_xticks(epochs)
+
+    if ensemble:
+        from compare.ensemble_run import plot_ensemble_panel
+
+        plot_ensemble_panel(axes[3], ensemble, JAX_STYLE, NUMPY_STYLE)
 
     disagree = sum(r["disagreements"] for r in rows[-1:])
     fig.suptitle(

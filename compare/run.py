@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compare import contract, training
+from compare import contract, ensemble_run, training
 from compare.metrics import RELATIVE_ERROR_FORMULA
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 4096, 1000, 2
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs is given: a first look in seconds",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ensemble_run.add_arguments(parser)
     return parser
 
 
@@ -132,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
+    ensemble_run.check_arguments(parser, args)
     return args
 
 
@@ -347,6 +349,8 @@ def main(argv=None) -> int:
         failures.append(
             f"training: {last['disagreements']} test predictions differ > tol {tolerances['disagreements']}"
         )
+    ensemble = ensemble_run.run_ensemble(args, data, console) if args.ensemble else None
+    failures += ensemble["failures"] if ensemble else []
 
     report = {
         "passed": not failures,
@@ -376,6 +380,7 @@ def main(argv=None) -> int:
         "versions": report_module.versions(),
         "machine": report_module.machine(),
         "timings": {**timings, "wall_s": None},
+        **({"ensemble": ensemble} if ensemble else {}),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     from compare.plot import plot_comparison

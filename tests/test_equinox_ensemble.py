@@ -111,10 +111,9 @@ def test_issue_707_answer_pool_over_both_axes(single, data):
     pooled_model, _ = equinox_ensemble.member_from_params(
         member(params), member(state), ("samples", "batch"), np.float64
     )
-    logits, new_state = jax.vmap(inner(pooled_model), in_axes=(0, None), out_axes=(0, None), axis_name="samples")(
-        images, eqx_state
-    )
-    flat_logits, flat_state = inner(model)(images.reshape(M * B, -1), eqx_state)
+    both = jax.vmap(inner(pooled_model), in_axes=(0, None), out_axes=(0, None), axis_name="samples")
+    logits, new_state = jax.jit(both)(images, eqx_state)
+    flat_logits, flat_state = jax.jit(inner(model))(images.reshape(M * B, -1), eqx_state)
     assert rel_err(logits.reshape(M * B, -1), flat_logits) <= TOL
     assert (
         rel_err(new_state.get(model.norms[0].batch_state_index), flat_state.get(model.norms[0].batch_state_index))
@@ -126,9 +125,10 @@ def test_issue_707_answer_one_state_per_sample(single):
     """Answer 2, statistics per sample: keep ``axis_name="batch"`` and let the state out batched
     (``out_axes=(0, 0)``): sample ``s``'s state is that of the model run on sample ``s`` alone."""
     (model, eqx_state), images = single
-    logits, new_state = jax.vmap(inner(model), in_axes=(0, None), out_axes=(0, 0))(images, eqx_state)
+    logits, new_state = jax.jit(jax.vmap(inner(model), in_axes=(0, None), out_axes=(0, 0)))(images, eqx_state)
+    alone = jax.jit(inner(model))
     for s in range(M):
-        alone_logits, alone_state = inner(model)(images[s], eqx_state)
+        alone_logits, alone_state = alone(images[s], eqx_state)
         assert rel_err(logits[s], alone_logits) <= TOL
         mean = new_state.get(model.norms[1].batch_state_index)[0][s]
         assert rel_err(mean, alone_state.get(model.norms[1].batch_state_index)[0]) <= TOL
