@@ -2,20 +2,13 @@
 
     python -m compare.ensemble_bench [--members 8] [--batch-size 128] [--steps 40] [--repeats 5]
 
-Rows, in member-samples/s (``members x steps x batch`` divided by the seconds of one epoch of
-``steps`` steps), float32 unless ``--dtype``:
-
-* ``jax ensemble``: :class:`jaxside.ensemble.Trainer`, the per-example model under the nested vmaps,
-  an epoch as one jitted ``lax.scan``; with every member on the same batches and with one batch
-  order per member;
-* ``numpy ensemble``: :class:`numpyside.ensemble.Trainer`, the stacked layers with numba kernels;
-* ``jax single x M``: ``M`` :class:`jaxside.train.Trainer` epochs, one member after another;
-* ``numpy single x M``: ``M`` :class:`numpyside.fast.FastTrainer` epochs (the fastest single NumPy
-  trainer, numba kernels), one after another.
-
-All rows are timed round-robin (one epoch of each per round, ``--repeats`` rounds after a warm-up)
-and the median is reported, with the load average, since a shared machine drifts. Output: a table
-and ``ensemble_bench.json`` in ``--out``.
+Rows in member-samples/s (``members x steps x batch`` over the seconds of one epoch of ``steps``
+steps): :class:`jaxside.ensemble.Trainer` (nested vmaps, an epoch as one ``lax.scan``) and
+:class:`numpyside.ensemble.Trainer` (stacked layers, numba kernels), each with every member on the
+same batches and with one batch order per member; and ``M`` single trainers one after another,
+:class:`jaxside.train.Trainer` and :class:`numpyside.fast.FastTrainer` (numba). Round-robin: one
+epoch of each row per round, the median over ``--repeats`` rounds after a warm-up round, with the
+load average (a shared machine drifts). Writes ``ensemble_bench.json`` to ``--out``.
 """
 
 from __future__ import annotations
