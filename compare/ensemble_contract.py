@@ -14,7 +14,7 @@ of :mod:`compare.contract` run on member 0's shapes, so both layouts give the sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -158,12 +158,24 @@ def check_bn_momentum(bn_momentum: Any, n_members: int, dtype: np.dtype) -> np.n
     return array.astype(dtype)
 
 
-def check_ensemble_inputs(params, state, images, labels=None, *, ghost_batches=1, pool_members=False, bn_momentum=None):
-    """Every check of a training call (``labels`` given) or an eval call (``labels=None``: the options
-    keep their defaults), in one place.
+class EnsembleInputs(NamedTuple):
+    """What :func:`check_ensemble_inputs` returns: the checked inputs and what they imply."""
 
-    Returns ``(M, batch_norm, dtype, images, labels, per_member, G, bn_momentum)``.
-    """
+    n_members: int
+    batch_norm: bool
+    dtype: np.dtype
+    images: np.ndarray  # (B, 784) shared or (M, B, 784), in the parameters' dtype
+    labels: np.ndarray | None  # int32, (B,) or (M, B); None in eval calls
+    per_member: bool  # one batch per member
+    ghost_batches: int
+    bn_momentum: np.ndarray  # (M,) in the parameters' dtype
+
+
+def check_ensemble_inputs(
+    params, state, images, labels=None, *, ghost_batches=1, pool_members=False, bn_momentum=None
+) -> EnsembleInputs:
+    """Every check of a training call (``labels`` given) or an eval call (``labels=None``: the options
+    keep their defaults), in one place."""
     n_members, batch_norm, dtype = check_ensemble_params(params)
     check_ensemble_state(state, n_members, batch_norm, dtype)
     images, labels, per_member = check_ensemble_batch(images, labels, n_members, dtype)
@@ -174,7 +186,7 @@ def check_ensemble_inputs(params, state, images, labels=None, *, ghost_batches=1
         if batch_norm and pool_members:
             contract.check_training_batch_size(n_members * images.shape[-2])
     momentum = check_bn_momentum(bn_momentum, n_members, dtype)
-    return n_members, batch_norm, dtype, images, labels, per_member, ghost_batches, momentum
+    return EnsembleInputs(n_members, batch_norm, dtype, images, labels, per_member, ghost_batches, momentum)
 
 
 def per_member_values(value: Any, n_members: int, dtype: np.dtype, name: str) -> np.ndarray:
@@ -217,3 +229,46 @@ def check_epoch(batch_indices: Any, learning_rates: Any, n_members: int, n_examp
             f"got shape {np.shape(learning_rates)}"
         )
     return indices.astype(np.int32, copy=False), rates
+
+
+class TrainingSetup(NamedTuple):
+    """What :func:`check_training_setup` returns for an ensemble trainer."""
+
+    n_members: int
+    dtype: np.dtype
+    images: np.ndarray  # (n, 784), shared by the members
+    labels: np.ndarray  # (n,) int32
+    momentum: np.ndarray  # (M,) SGD momenta
+    bn_momentum: np.ndarray  # (M,) running-statistics momenta
+    pool_members: bool
+    ghost_batches: int
+
+
+def check_training_setup(
+    params, state, images, labels, *, momentum, bn_momentum=None, pool_members=False, ghost_batches=1
+) -> TrainingSetup:
+    """Every check an ensemble trainer makes once: the stacked parameters and state, the shared
+    training set, the per-member momenta and the batch-norm options (whether ``G`` divides the
+    batch size is checked per epoch, when the batch size is known)."""
+    n_members, batch_norm, dtype = check_ensemble_params(params)
+    check_ensemble_state(state, n_members, batch_norm, dtype)
+    images, labels, per_member = check_ensemble_batch(images, labels, n_members, dtype)
+    if per_member:
+        raise InputError(
+            "the training set is shared by the members: pass images (n, 784); per-member batch orders "
+            "come from epoch(batch_indices of shape (steps, M, B))"
+        )
+    if not isinstance(pool_members, (bool, np.bool_)):
+        raise InputError(f"pool_members must be True or False, got {pool_members!r}")
+    if isinstance(ghost_batches, bool) or not isinstance(ghost_batches, (int, np.integer)) or ghost_batches < 1:
+        raise InputError(f"ghost_batches must be a positive integer, got {ghost_batches!r}")
+    return TrainingSetup(
+        n_members,
+        dtype,
+        images,
+        labels,
+        per_member_values(momentum, n_members, dtype, "momentum"),
+        check_bn_momentum(bn_momentum, n_members, dtype),
+        bool(pool_members),
+        int(ghost_batches),
+    )

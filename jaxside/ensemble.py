@@ -112,28 +112,28 @@ def loss_and_grads(params, state, images, labels, *, pool_members=False, ghost_b
     ``images`` ``(B, 784)`` (every member sees the same batch) or ``(M, B, 784)`` (each its own);
     ``labels`` ``(B,)`` or ``(M, B)`` to match. Bad input raises :class:`compare.contract.InputError`.
     """
-    _, _, dtype, images, labels, per_member, ghost_batches, momentum = ensemble_contract.check_ensemble_inputs(
+    checked = ensemble_contract.check_ensemble_inputs(
         params, state, images, labels, ghost_batches=ghost_batches, pool_members=pool_members, bn_momentum=bn_momentum
     )
-    check_float64_enabled(dtype)
+    check_float64_enabled(checked.dtype)
     losses, grads, new_state = _loss_and_grads(
         params,
         list(state or []),
-        images,
-        labels,
-        momentum,
-        per_member=per_member,
+        checked.images,
+        checked.labels,
+        checked.bn_momentum,
+        per_member=checked.per_member,
         pool_members=bool(pool_members),
-        ghost_batches=ghost_batches,
+        ghost_batches=checked.ghost_batches,
     )
     return np.asarray(losses), to_numpy(grads), to_numpy(new_state)
 
 
 def predict_logits(params, state, images) -> np.ndarray:
     """Eval-mode logits ``(M, B, 10)`` (running statistics; independent of any ghost batching)."""
-    _, _, dtype, images, _, per_member, _, _ = ensemble_contract.check_ensemble_inputs(params, state, images)
-    check_float64_enabled(dtype)
-    return np.asarray(_predict_logits(params, list(state or []), images, per_member=per_member))
+    checked = ensemble_contract.check_ensemble_inputs(params, state, images)
+    check_float64_enabled(checked.dtype)
+    return np.asarray(_predict_logits(params, list(state or []), checked.images, per_member=checked.per_member))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,9 +198,10 @@ def compile_count() -> int:
 class Trainer:
     """All members' device buffers and the training set; one ``epoch()`` per call.
 
-    ``momentum`` (SGD) and ``bn_momentum`` are numbers or ``(M,)`` arrays; learning rates come per
-    step, ``(steps,)`` shared or ``(steps, M)`` per member. All of them are traced: a Trainer with
-    other values but the same shapes reuses the compiled epoch (:func:`compile_count`).
+    ``momentum`` (SGD) is a number or an ``(M,)`` array, ``bn_momentum`` None (0.1) or ``(M,)``;
+    learning rates come per step, ``(steps,)`` shared or ``(steps, M)`` per member. All of them are
+    traced: a Trainer with other values but the same shapes reuses the compiled epoch
+    (:func:`compile_count`).
     """
 
     def __init__(
@@ -215,28 +216,25 @@ class Trainer:
         pool_members: bool = False,
         ghost_batches: int = 1,
     ):
-        n_members, batch_norm, dtype = ensemble_contract.check_ensemble_params(params)
-        check_float64_enabled(dtype)
-        images, labels, per_member = ensemble_contract.check_ensemble_batch(
-            train_images, train_labels, n_members, dtype
+        setup = ensemble_contract.check_training_setup(
+            params,
+            state,
+            train_images,
+            train_labels,
+            momentum=momentum,
+            bn_momentum=bn_momentum,
+            pool_members=pool_members,
+            ghost_batches=ghost_batches,
         )
-        if per_member:
-            raise ensemble_contract.InputError(
-                "the training set is shared by the members: pass images (n, 784); per-member batch orders "
-                "come from epoch(batch_indices of shape (steps, M, B))"
-            )
-        ensemble_contract.check_ensemble_state(state, n_members, batch_norm, dtype)
-        bn_momentum = ensemble_contract.check_bn_momentum(bn_momentum, n_members, dtype)
-        if not isinstance(pool_members, (bool, np.bool_)):
-            raise ensemble_contract.InputError(f"pool_members must be True or False, got {pool_members!r}")
-        self.n_members, self.dtype = n_members, dtype
-        self.pool_members, self.ghost_batches = bool(pool_members), ghost_batches
-        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), params)
+        check_float64_enabled(setup.dtype)
+        self.n_members, self.dtype = setup.n_members, setup.dtype
+        self.pool_members, self.ghost_batches = setup.pool_members, setup.ghost_batches
+        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=setup.dtype), params)
         self.velocity = jax.tree_util.tree_map(jnp.zeros_like, self.params)
-        self.state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=dtype), list(state or []))
-        self.images, self.labels = jax.device_put(images), jax.device_put(labels)
-        self.momentum = jnp.asarray(ensemble_contract.per_member_values(momentum, n_members, dtype, "momentum"))
-        self.bn_momentum = jnp.asarray(bn_momentum)
+        self.state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=setup.dtype), list(state or []))
+        self.images, self.labels = jax.device_put(setup.images), jax.device_put(setup.labels)
+        self.momentum = jnp.asarray(setup.momentum)
+        self.bn_momentum = jnp.asarray(setup.bn_momentum)
 
     def _epoch_args(self, batch_indices, learning_rates):
         batch_indices, rates = ensemble_contract.check_epoch(

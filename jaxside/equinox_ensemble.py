@@ -136,10 +136,10 @@ def loss_and_grads(params, state, images, labels, *, pool_members: bool = False)
     """As :func:`jaxside.ensemble.loss_and_grads`, computed by the Equinox ensemble: per-member
     losses, gradients (of the sum of the losses when pooled) and Equinox's new running statistics
     (biased variance, see :mod:`jaxside.equinox_model`), in our stacked layout, as NumPy."""
-    _, _, _, images, labels, per_member, _, _ = ensemble_contract.check_ensemble_inputs(
-        params, state, images, labels, pool_members=pool_members
-    )
+    checked = ensemble_contract.check_ensemble_inputs(params, state, images, labels, pool_members=pool_members)
     models, eqx_state = from_ensemble_params(params, state, pool_members=pool_members)
-    losses, grads, new_state = _loss_and_grads(models, eqx_state, jnp.asarray(images), jnp.asarray(labels), per_member)
+    losses, grads, new_state = _loss_and_grads(
+        models, eqx_state, jnp.asarray(checked.images), jnp.asarray(checked.labels), checked.per_member
+    )
     to_numpy = lambda tree: jtu.tree_map(np.asarray, tree)  # noqa: E731
     return np.asarray(losses), to_numpy(grads), to_numpy(new_state)

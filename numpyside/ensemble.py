@@ -19,7 +19,6 @@ import time
 import numpy as np
 
 from compare import ensemble_contract
-from compare.contract import InputError
 from numpyside.ensemble_layers import (
     batchnorm_backward,
     batchnorm_eval,
@@ -130,17 +129,17 @@ def loss_and_grads(
     """Per-member training-mode losses ``(M,)``, handwritten gradients and new running statistics
     (stacked). Bad input raises :class:`compare.contract.InputError`."""
     _check_backend(backend)
-    _, _, _, images, labels, _, ghost_batches, momentum = ensemble_contract.check_ensemble_inputs(
+    checked = ensemble_contract.check_ensemble_inputs(
         params, state, images, labels, ghost_batches=ghost_batches, pool_members=pool_members, bn_momentum=bn_momentum
     )
     losses, dlogits, new_state, caches = batch_loss(
         _as_numpy(params),
         _as_numpy(state or []),
-        images,
-        labels,
+        checked.images,
+        checked.labels,
         pool_members=bool(pool_members),
-        ghost_batches=ghost_batches,
-        bn_momentum=momentum,
+        ghost_batches=checked.ghost_batches,
+        bn_momentum=checked.bn_momentum,
         backend=backend,
     )
     return losses, backward(dlogits, caches, backend=backend), new_state
@@ -149,7 +148,7 @@ def loss_and_grads(
 def predict_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(M, B, 10)`` (running statistics; independent of any ghost batching)."""
     _check_backend(backend)
-    _, _, _, images, _, _, _, _ = ensemble_contract.check_ensemble_inputs(params, state, images)
+    images = ensemble_contract.check_ensemble_inputs(params, state, images).images
     return forward(_as_numpy(params), _as_numpy(state or []), images, train=False, backend=backend)[0]
 
 
@@ -205,22 +204,21 @@ class Trainer:
         backend: str = DEFAULT_BACKEND,
     ):
         _check_backend(backend)
-        n_members, batch_norm, dtype = ensemble_contract.check_ensemble_params(params)
-        ensemble_contract.check_ensemble_state(state, n_members, batch_norm, dtype)
-        self.images, self.labels, per_member = ensemble_contract.check_ensemble_batch(
-            train_images, train_labels, n_members, dtype
+        setup = ensemble_contract.check_training_setup(
+            params,
+            state,
+            train_images,
+            train_labels,
+            momentum=momentum,
+            bn_momentum=bn_momentum,
+            pool_members=pool_members,
+            ghost_batches=ghost_batches,
         )
-        if per_member:
-            raise InputError(
-                "the training set is shared by the members: pass images (n, 784); per-member batch orders "
-                "come from epoch(batch_indices of shape (steps, M, B))"
-            )
-        if not isinstance(pool_members, (bool, np.bool_)):
-            raise InputError(f"pool_members must be True or False, got {pool_members!r}")
-        self.n_members, self.dtype, self.backend = n_members, dtype, backend
-        self.pool_members, self.ghost_batches = bool(pool_members), ghost_batches
-        self.bn_momentum = ensemble_contract.check_bn_momentum(bn_momentum, n_members, dtype)
-        self.momentum = ensemble_contract.per_member_values(momentum, n_members, dtype, "momentum")
+        dtype = setup.dtype
+        self.n_members, self.dtype, self.backend = setup.n_members, dtype, backend
+        self.images, self.labels = setup.images, setup.labels
+        self.pool_members, self.ghost_batches = setup.pool_members, setup.ghost_batches
+        self.momentum, self.bn_momentum = setup.momentum, setup.bn_momentum
         self.params = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in params]
         self.velocity = [{k: np.zeros_like(v) for k, v in layer.items()} for layer in self.params]
         self.state = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in (state or [])]
