@@ -286,12 +286,17 @@ def plot_ensemble_panel(ax, section: dict, jax_style: dict, numpy_style: dict) -
         ax.plot(
             epochs, [100 * r["ensemble_accuracy"][key] for r in section["epochs"]], label=f"{key}: ensemble", **style
         )
-    pooled = "pooled" if section["pool_members"] else "per-member"
+    pooled = "pooled BN" if section["pool_members"] else "per-member BN"
     ax.set(
-        xlabel="epoch",
-        ylabel="test accuracy (%)",
-        title=f"Ensemble of {section['members']} ({section['batches']} batches, {pooled} BN, "
-        f"G={section['ghost_batches']})",
+        xlabel="epoch", ylabel="test accuracy (%)", title=f"Ensemble of {section['members']}: members and mean softmax"
+    )
+    ax.text(
+        0.02,
+        0.97,
+        f"{section['batches']} batches, {pooled}, ghost batches {section['ghost_batches']}",
+        transform=ax.transAxes,
+        fontsize=8,
+        va="top",
     )
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
