@@ -15,7 +15,6 @@ learning rates and momenta as traced ``(M,)`` arrays: one compilation serves a s
 from __future__ import annotations
 
 import functools
-import operator
 import time
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare import ensemble_contract
-from jaxside.layers import BATCH_AXIS
+from jaxside.layers import BATCH_AXIS, cross_entropy
 from jaxside.model import batched_forward, check_float64_enabled, forward_pass, to_numpy
 from jaxside.train import sgd_momentum
 
@@ -72,12 +71,10 @@ def member_batch_loss(params, state, images, labels: Int[Array, " batch"], bn_mo
     """One member's mean cross-entropy over its ``B`` examples (as ``jaxside.model.batch_loss``),
     and its new running statistics; ``options`` go to :func:`member_forward`."""
     logits, new_state = member_forward(params, state, images, bn_momentum, **options)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jax.vmap(operator.getitem)(log_probs, labels)
-    return -picked.mean(), new_state
+    return jax.vmap(cross_entropy)(logits, labels).mean(), new_state
 
 
-def ensemble_loss_and_grads(
+def batch_loss_and_grads(
     params, state, images, labels, bn_momentum, *, per_member: bool, pool_members: bool, ghost_batches: int
 ):
     """``jax.value_and_grad`` of :func:`member_batch_loss`, vmapped over ``"member"``.
@@ -95,7 +92,7 @@ def ensemble_loss_and_grads(
     return losses, grads, new_state
 
 
-_loss_and_grads = jax.jit(ensemble_loss_and_grads, static_argnames=("per_member", "pool_members", "ghost_batches"))
+_loss_and_grads = jax.jit(batch_loss_and_grads, static_argnames=("per_member", "pool_members", "ghost_batches"))
 
 
 @functools.partial(jax.jit, static_argnames=("per_member",))
@@ -155,7 +152,7 @@ def train_epoch(
     pool_members: bool,
     ghost_batches: int,
 ):
-    """One epoch for all members: ``lax.scan`` of (gather batch, :func:`ensemble_loss_and_grads`,
+    """One epoch for all members: ``lax.scan`` of (gather batch, :func:`batch_loss_and_grads`,
     per-member SGD step) over ``batch_indices`` (``(steps, B)`` shared or ``(steps, M, B)`` per member).
 
     Member ``k`` steps with ``learning_rates[:, k]`` and SGD momentum ``momentum[k]``, both traced.
@@ -166,7 +163,7 @@ def train_epoch(
     def step(carry, step_inputs):
         params, velocity, state = carry
         indices, lr = step_inputs
-        losses, grads, state = ensemble_loss_and_grads(
+        losses, grads, state = batch_loss_and_grads(
             params,
             state,
             images[indices],

@@ -19,16 +19,17 @@ import time
 import numpy as np
 
 from compare import ensemble_contract
+from compare.contract import DEFAULT_BACKEND, check_backend
 from numpyside.ensemble_layers import (
     batchnorm_backward,
     batchnorm_eval,
     batchnorm_forward,
     linear_backward,
     linear_forward,
-    softmax_cross_entropy,
+    softmax_cross_entropy_backward,
+    softmax_cross_entropy_forward,
 )
 from numpyside.layers import sigmoid_backward, sigmoid_forward
-from numpyside.model import DEFAULT_BACKEND, _check_backend
 
 
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int, momentum: np.ndarray) -> dict:
@@ -102,8 +103,31 @@ def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEN
 
 
 def batch_loss(params, state, images, labels, *, pool_members, ghost_batches, bn_momentum, backend=DEFAULT_BACKEND):
-    """Each member's mean cross-entropy ``(M,)``, ``dL_m / dz_m``, the new running statistics and
-    the caches. ``labels`` (B,) shared or (M, B)."""
+    r"""Each member's mean cross-entropy (training mode) and the new running statistics, unchecked.
+
+    .. math:: L_m = -\tfrac1B \textstyle\sum_b \log \mathrm{softmax}(z_{mb})_{y_{mb}}
+
+    ``labels`` (B,) shared or (M, B). Returns ``(losses (M,), new_state)``.
+    """
+    losses, new_state, _, _ = _forward_and_loss(
+        params, state, images, labels, pool_members, ghost_batches, bn_momentum, backend
+    )
+    return losses, new_state
+
+
+def batch_loss_and_grads(
+    params, state, images, labels, *, pool_members, ghost_batches, bn_momentum, backend=DEFAULT_BACKEND
+):
+    """:func:`batch_loss` and its handwritten gradients, unchecked: ``(losses, grads, new_state)``.
+    Pooled, each member's gradient is that of the SUM of the losses (see :func:`backward`)."""
+    losses, new_state, caches, loss_cache = _forward_and_loss(
+        params, state, images, labels, pool_members, ghost_batches, bn_momentum, backend
+    )
+    dlogits = softmax_cross_entropy_backward(loss_cache)
+    return losses, backward(dlogits, caches, backend=backend), new_state
+
+
+def _forward_and_loss(params, state, images, labels, pool_members, ghost_batches, bn_momentum, backend):
     logits, new_state, caches = forward(
         params,
         state,
@@ -114,9 +138,10 @@ def batch_loss(params, state, images, labels, *, pool_members, ghost_batches, bn
         bn_momentum=bn_momentum,
         backend=backend,
     )
-    labels = np.broadcast_to(labels, logits.shape[:2])
-    losses, dlogits = softmax_cross_entropy(logits, labels, backend=backend)
-    return losses, dlogits, new_state, caches
+    losses, loss_cache = softmax_cross_entropy_forward(
+        logits, np.broadcast_to(labels, logits.shape[:2]), backend=backend
+    )
+    return losses, new_state, caches, loss_cache
 
 
 def _as_numpy(tree):
@@ -128,11 +153,11 @@ def loss_and_grads(
 ):
     """Per-member training-mode losses ``(M,)``, handwritten gradients and new running statistics
     (stacked). Bad input raises :class:`compare.contract.InputError`."""
-    _check_backend(backend)
+    check_backend(backend)
     checked = ensemble_contract.check_ensemble_inputs(
         params, state, images, labels, ghost_batches=ghost_batches, pool_members=pool_members, bn_momentum=bn_momentum
     )
-    losses, dlogits, new_state, caches = batch_loss(
+    return batch_loss_and_grads(
         _as_numpy(params),
         _as_numpy(state or []),
         checked.images,
@@ -142,12 +167,11 @@ def loss_and_grads(
         bn_momentum=checked.bn_momentum,
         backend=backend,
     )
-    return losses, backward(dlogits, caches, backend=backend), new_state
 
 
 def predict_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(M, B, 10)`` (running statistics; independent of any ghost batching)."""
-    _check_backend(backend)
+    check_backend(backend)
     images = ensemble_contract.check_ensemble_inputs(params, state, images).images
     return forward(_as_numpy(params), _as_numpy(state or []), images, train=False, backend=backend)[0]
 
@@ -178,10 +202,9 @@ def train_epoch(
     """
     losses = np.empty(learning_rates.shape, dtype=images.dtype)
     for k, (indices, lr) in enumerate(zip(batch_indices, learning_rates)):
-        losses[k], dlogits, state, caches = batch_loss(
+        losses[k], grads, state = batch_loss_and_grads(
             params, state, images[indices], labels[indices], bn_momentum=bn_momentum, **options
         )
-        grads = backward(dlogits, caches, backend=options["backend"])
         sgd_momentum(params, velocity, grads, lr, momentum)
     return state, losses
 
@@ -203,7 +226,7 @@ class Trainer:
         ghost_batches: int = 1,
         backend: str = DEFAULT_BACKEND,
     ):
-        _check_backend(backend)
+        check_backend(backend)
         setup = ensemble_contract.check_training_setup(
             params,
             state,
@@ -230,10 +253,7 @@ class Trainer:
         images = self.images[indices]
         if per_member_batches:
             images = np.broadcast_to(images, (self.n_members, *images.shape))
-        _, dlogits, _, caches = batch_loss(
-            self.params, self.state, images, self.labels[indices], **self._options(batch_size)
-        )
-        backward(dlogits, caches, backend=self.backend)
+        batch_loss_and_grads(self.params, self.state, images, self.labels[indices], **self._options(batch_size))
         self.predict(self.images[:2])
         return time.perf_counter() - start
 

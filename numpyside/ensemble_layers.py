@@ -161,24 +161,47 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: s
     return gamma[:, None, :] * ((x - mean[:, None, :]) * inv_std[:, None, :]) + beta[:, None, :]
 
 
-def softmax_cross_entropy(logits, labels, *, backend: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
+class SoftmaxCrossEntropyCache(NamedTuple):
+    probs: np.ndarray  # (M, B, C) softmax(z), or with backend="numba" already dL_m/dz (see the forward)
+    labels: np.ndarray  # (M, B)
+    is_gradient: bool
+
+
+def softmax_cross_entropy_forward(
+    logits, labels, *, backend: str = "numpy"
+) -> tuple[np.ndarray, SoftmaxCrossEntropyCache]:
     r"""Each member's mean cross-entropy: ``logits`` (M, B, C), ``labels`` (M, B).
 
-    .. math:: L_m = -\frac1B \sum_b \log \mathrm{softmax}(z_{mb})_{y_{mb}}, \qquad
-        \frac{\partial L_m}{\partial z_{mb}} = \frac{\mathrm{softmax}(z_{mb}) - \mathrm{onehot}(y_{mb})}{B}
+    .. math:: L_m = -\frac1B \sum_b \log \mathrm{softmax}(z_{mb})_{y_{mb}}
 
-    Returns ``(losses (M,), dlogits (M, B, C))``.
+    Returns ``losses (M,)`` and the cache (the numba kernel computes the gradient in the same pass).
     """
     if backend == "numba":
-        return ensemble_kernels.softmax_cross_entropy(_c(logits), labels.astype(np.intp, copy=False))
-    batch = logits.shape[1]
+        losses, dlogits = ensemble_kernels.softmax_cross_entropy(_c(logits), labels.astype(np.intp, copy=False))
+        return losses, SoftmaxCrossEntropyCache(dlogits, labels, True)
     with np.errstate(under="ignore"):
         shifted = logits - logits.max(axis=-1, keepdims=True)
         e = np.exp(shifted)
         sums = e.sum(axis=-1, keepdims=True)
         picked = np.take_along_axis(shifted, labels[..., None], axis=-1)[..., 0]
         losses = -(picked - np.log(sums[..., 0])).mean(axis=1)
-        dlogits = e / sums
-        np.put_along_axis(dlogits, labels[..., None], np.take_along_axis(dlogits, labels[..., None], axis=-1) - 1, -1)
-        dlogits /= batch
-    return losses, dlogits
+        probs = e / sums
+    return losses, SoftmaxCrossEntropyCache(probs, labels, False)
+
+
+def softmax_cross_entropy_backward(cache: SoftmaxCrossEntropyCache) -> np.ndarray:
+    r"""Backward of :func:`softmax_cross_entropy_forward` for ``dL_m / dL_m = 1`` (each member's own loss).
+
+    .. math:: \frac{\partial L_m}{\partial z_{mb}} = \frac{\mathrm{softmax}(z_{mb}) - \mathrm{onehot}(y_{mb})}{B}
+
+    Returns ``dlogits`` (M, B, C).
+    """
+    probs, labels, is_gradient = cache
+    if is_gradient:
+        return probs
+    with np.errstate(under="ignore"):
+        dlogits = probs.copy()
+        picked = np.take_along_axis(dlogits, labels[..., None], axis=-1)
+        np.put_along_axis(dlogits, labels[..., None], picked - 1, axis=-1)
+        dlogits /= probs.shape[1]
+    return dlogits
