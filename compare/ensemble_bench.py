@@ -5,7 +5,8 @@
 Rows in member-samples/s (``members x steps x batch`` over the seconds of one epoch of ``steps``
 steps): :class:`jaxside.ensemble.Trainer` (nested vmaps, an epoch as one ``lax.scan``) and
 :class:`numpyside.ensemble.Trainer` (stacked layers, numba kernels), each with every member on the
-same batches and with one batch order per member; and ``M`` single trainers one after another,
+same batches and with one batch order per member (NumPy also with the members split over two
+threads, ``threads=2``); and ``M`` single trainers one after another,
 :class:`jaxside.train.Trainer` and :class:`numpyside.fast.FastTrainer` (numba). Round-robin: one
 epoch of each row per round, the median over ``--repeats`` rounds after a warm-up round, with the
 load average (a shared machine drifts). Writes ``ensemble_bench.json`` to ``--out``.
@@ -72,6 +73,12 @@ def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype:
         "numpy ensemble, independent batches": epoch_of(
             numpy_ensemble.Trainer(params, state, images, labels, backend="numba", **options), independent
         ),
+        "numpy ensemble, same batches, 2 threads over members": epoch_of(
+            numpy_ensemble.Trainer(params, state, images, labels, backend="numba", threads=2, **options), shared
+        ),
+        "numpy ensemble, independent batches, 2 threads over members": epoch_of(
+            numpy_ensemble.Trainer(params, state, images, labels, backend="numba", threads=2, **options), independent
+        ),
         f"numpy single x {members} (FastTrainer)": one_after_another(
             lambda p, s: FastTrainer(p, s, images, labels, backend="numba", **options)
         ),
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     for r in results:
         side = r["row"].split()[0]
         r["speedup_vs_single"] = r["member_samples_per_s"] / single[side]
-        print(f"  {r['row']:<42} {r['member_samples_per_s']:>12,.0f} member-samples/s  x{r['speedup_vs_single']:.2f}")
+        print(f"  {r['row']:<60} {r['member_samples_per_s']:>12,.0f} member-samples/s  x{r['speedup_vs_single']:.2f}")
     report = {
         "config": vars(args) | {"out": str(args.out)},
         "load_average": [load_before, load_after],

@@ -14,12 +14,15 @@ Public API (same names, signatures and meaning as ``jaxside.ensemble``; NumPy in
 
 from __future__ import annotations
 
+import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from compare import ensemble_contract
-from compare.contract import DEFAULT_BACKEND, check_backend
+from compare.contract import DEFAULT_BACKEND, InputError, check_backend
 from numpyside.ensemble_layers import (
     batchnorm_backward,
     batchnorm_eval,
@@ -209,9 +212,21 @@ def train_epoch(
     return state, losses
 
 
+def _members(tree, members: slice):
+    """Views of ``members`` in a stacked tree (in-place updates reach the whole stack)."""
+    return [{key: value[members] for key, value in layer.items()} for layer in tree]
+
+
 class Trainer:
     """All members' buffers and the training set; one ``epoch()`` per call. Same interface as
-    ``jaxside.ensemble.Trainer`` (per-member ``momentum``, ``bn_momentum`` and learning rates)."""
+    ``jaxside.ensemble.Trainer`` (per-member ``momentum``, ``bn_momentum`` and learning rates).
+
+    ``threads > 1`` (members not pooled): the members are split into that many contiguous groups,
+    each group trains the whole epoch in its own thread with single-threaded BLAS: the parallelism
+    moves from inside each small product to across members. The members are independent, so the
+    numbers are those of ``threads=1`` under single-threaded BLAS, bit for bit (tested; OpenBLAS's
+    own threads split some products differently, which changes the last bits).
+    """
 
     def __init__(
         self,
@@ -225,8 +240,11 @@ class Trainer:
         pool_members: bool = False,
         ghost_batches: int = 1,
         backend: str = DEFAULT_BACKEND,
+        threads: int = 1,
     ):
         check_backend(backend)
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
         setup = ensemble_contract.check_training_setup(
             params,
             state,
@@ -242,6 +260,7 @@ class Trainer:
         self.images, self.labels = setup.images, setup.labels
         self.pool_members, self.ghost_batches = setup.pool_members, setup.ghost_batches
         self.momentum, self.bn_momentum = setup.momentum, setup.bn_momentum
+        self.threads = 1 if setup.pool_members else min(int(threads), setup.n_members)
         self.params = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in params]
         self.velocity = [{k: np.zeros_like(v) for k, v in layer.items()} for layer in self.params]
         self.state = [{k: np.array(v, dtype=dtype) for k, v in layer.items()} for layer in (state or [])]
@@ -275,19 +294,35 @@ class Trainer:
         )
         options = self._options(batch_indices.shape[-1])
         bn_momentum = options.pop("bn_momentum")
-        self.state, losses = train_epoch(
-            self.params,
-            self.velocity,
-            self.state,
-            self.images,
-            self.labels,
-            batch_indices,
-            rates.astype(self.dtype),
-            self.momentum,
-            bn_momentum,
-            **options,
-        )
-        return losses
+        rates = rates.astype(self.dtype)
+
+        def train_members(members: slice):
+            indices = batch_indices[:, members] if batch_indices.ndim == 3 else batch_indices
+            return train_epoch(
+                _members(self.params, members),
+                _members(self.velocity, members),
+                _members(self.state, members),
+                self.images,
+                self.labels,
+                indices,
+                rates[:, members],
+                self.momentum[members],
+                bn_momentum[members],
+                **options,
+            )
+
+        if self.threads == 1:
+            self.state, losses = train_members(slice(None))
+            return losses
+        bounds = np.linspace(0, self.n_members, self.threads + 1).round().astype(int)
+        groups = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(groups)) as pool:
+            results = list(pool.map(train_members, groups))
+        self.state = [
+            {key: np.concatenate([state[i][key] for state, _ in results]) for key in layer}
+            for i, layer in enumerate(self.state)
+        ]
+        return np.concatenate([losses for _, losses in results], axis=1)
 
     def predict_logits(self, images) -> np.ndarray:
         """Eval-mode logits ``(M, n, 10)`` of shared images ``(n, 784)``."""

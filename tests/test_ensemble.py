@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import jaxside.model as jax_model
 import numpyside.model as numpy_model
@@ -376,3 +377,23 @@ def test_bad_ensemble_construction_and_training_input(mnist):
             module.Trainer(params, state, images, labels, momentum=0.9).epoch(np.arange(32).reshape(2, 16), [0.1])
         with pytest.raises(InputError, match="batch_indices must lie"):
             module.Trainer(params, state, images, labels, momentum=0.9).epoch(np.full((1, 16), 64), [0.1])
+
+
+@pytest.mark.parametrize("batches_kind", ["shared", "per_member"])
+def test_numpy_trainer_with_threads_is_bit_identical(batches_kind, mnist):
+    """Members split over threads train exactly as in one thread with single-threaded BLAS (what
+    each thread uses): the members are independent."""
+    train_x, train_y, _, _ = mnist
+    images, labels = train_x[:256].astype(np.float32), train_y[:256]
+    params, state = init_ensemble([0, 1, 2], np.float32)
+    rng = training.batch_rng(0)
+    orders = [training.epoch_batches(256, 32, rng)[:4] for _ in range(M)]
+    batches = np.stack(orders, axis=1) if batches_kind == "per_member" else orders[0]
+    rates = np.full((4, M), 0.1)
+    trained = []
+    for threads in (1, 2):
+        trainer = numpy_ensemble.Trainer(params, state, images, labels, momentum=[0.9, 0.5, 0.0], threads=threads)
+        with threadpool_limits(1, user_api="blas"):
+            losses = trainer.epoch(batches, rates)
+        trained.append((losses, trainer.params_numpy(), trainer.state_numpy()))
+    assert bit_equal(trained[0], trained[1])
