@@ -1,68 +1,21 @@
-"""The fast trainer of the handwritten model: the reference computation, without the overhead.
+r"""The fast trainer of the handwritten model: the reference computation, without the overhead.
 
-``FastTrainer`` has exactly the interface of :class:`numpyside.train.Trainer` and computes exactly
-what it computes (the same floating-point operations on the same operands in the same order:
-bit-identical losses, parameters and running statistics, see ``tests/test_fast.py``), but
-
-* every array a step touches is preallocated once per batch size and reused: the gathered batch,
-  the pre-activations, ``x_hat``, the activations, the gradients. A step allocates nothing;
-* all parameters live in ONE flat buffer (each layer's arrays are views into it; the layers of
-  equal shape stacked), and so do their velocities and gradients, so that the SGD update is one
-  fused pass over three flat arrays;
-* the matrix products are BLAS ``gemm`` calls into preallocated outputs (``dW = x.T @ d`` and
-  ``dx = d @ W.T`` straight from transposed operands, no copies); the first layer's ``dx`` is not
-  computed;
-* with ``backend="numba"`` the elementwise and reduction work runs in the fused kernels of
-  :mod:`numpyside.fused`: batch norm + running statistics + sigmoid (with the vectorised
-  :func:`numpyside.fastexp.exp_nonpositive`, as the reference numba kernels) in one kernel;
-  sigmoid backward + batch-norm backward in one; output bias + softmax + cross-entropy + the output
-  bias's gradient in one; the SGD update of all parameters in one. Where NumPy's own OpenBLAS can
-  be called from numba (:mod:`numpyside.blas`), a whole epoch (products included) is ONE numba
-  call, :func:`numpyside.fused.train_steps`, the counterpart of the JAX side's ``lax.scan``;
-  otherwise the kernels are called one by one from Python with ``np.matmul`` between them;
-* where OpenBLAS lets numba's threads run its jobs (:mod:`numpyside.threads`), the epoch runs as
-  :func:`numpyside.fused.train_steps_threaded`: BLAS's two halves of every product and two halves
-  of every kernel (rows of the gather, features of batch norm, slices of the SGD update) on the
-  same two threads, where OpenBLAS's own worker would otherwise spin on the second core while the
-  kernels run on the first. Same bits again: each half does exactly what the whole did for it;
-* with ``backend="numpy"`` the same buffers are filled by NumPy ufuncs with ``out=``, in the
-  operation order of the reference NumPy backend.
-
-Where the time goes (batch 128, float32, this 2-vCPU machine, in its fast minutes; per step, each
-part timed alone in a numba loop on the trainer's own buffers, one thread): the 11 BLAS products
-~295 us (the same products back to back, the "limit" of ``compare/bench.py``: 290-300 us),
-gathering the batch's 128 random image rows ~27 us (400 KB from memory at the ~15 GB/s one core
-draws: a contiguous copy of the same size takes as long), batch norm + sigmoid forward ~19 us for
-the three layers (its ``exp`` ~3 us per layer of it), the backward kernels ~12 us, softmax +
-cross-entropy ~5 us, SGD over the 99 k parameters ~9 us. With OpenBLAS on its own threads and the
-kernels on one, a step took 360-380 us (77-81 % of the limit) in fast minutes. In slow minutes
-(the host makes the two vCPUs' traffic expensive) the products alone take about as long, but the
-step takes 600-650 us, and 1,000-1,300 us in the slowest; there the threaded epoch (the kernels
-split in two, BLAS's jobs on the same threads) took 0.79-0.87 of that time, on every batch size
-and in float64 too (``compare.bench`` mode ``fast-own-threads`` shows both in one run). No fast
-minute came while the threaded epoch was measured. In the slowest minutes the readable
-:class:`numpyside.train.Trainer` was faster than both (~700 us against ~1,040 us, same code
-path for BLAS; why was not established: fresh buffers per step and NumPy's gather did not
-change the fast trainer's time, NumPy's SGD instead of the fused one saved ~45 us of the
-~140 us gap); JAX, whose XLA runs these products on one core with AVX-512 (a 128 x 784 x 100
-product: 106 us pinned to one CPU, 126 us with two), loses least.
-
-Tried and measured, not kept: software prefetching of the next batch's rows during the backward
-kernels (slower: 570-590 us against 373-379 us per step), numba threads next to OpenBLAS's own
-(8.7 ms per step: they fight its spinning worker for the second core; hence
-:mod:`numpyside.threads`, which gives OpenBLAS's jobs to numba's threads instead), splitting each
-layer's features between two threads with single-threaded BLAS (each thread's half of the
-784 x 100 product took 101 us against 96.5 us for OpenBLAS's own two threads on the whole, and
-15.4 us against 12.7 us at 100 x 100), and NumPy's own ``exp`` loop called from numba (5 % faster
-than the Python calls, 3 % slower than :mod:`numpyside.fastexp` fused into the kernel).
-
-The readable reference stays in :mod:`numpyside.layers`, :mod:`numpyside.model` and
-:mod:`numpyside.train`; nothing here is a different algorithm.
+``FastTrainer`` has the interface of :class:`numpyside.train.Trainer` and performs exactly its
+floating-point operations, in its order (bit-identical results, ``tests/test_fast.py``), but every
+array a step touches is preallocated once per batch size; all parameters (and their velocities and
+gradients) live in ONE flat buffer, so SGD is one fused pass; the products are BLAS ``gemm`` calls
+into those buffers (``dW = x.T @ d``, ``dx = d @ W.T`` from transposed operands); and, with
+``backend="numba"``, the elementwise work runs in the fused kernels of :mod:`numpyside.fused`,
+a whole epoch in ONE numba call where NumPy's OpenBLAS can be called from numba
+(:mod:`numpyside.blas`), the counterpart of the JAX side's ``lax.scan``. ``threads``
+(default :func:`numpyside.threads.default_count`, 1) sets how many cores an epoch uses
+(:mod:`numpyside.threads`). With ``backend="numpy"`` the same buffers are filled by NumPy ufuncs.
+The readable reference is :mod:`numpyside.layers` / :mod:`numpyside.model` / :mod:`numpyside.train`;
+where the time goes and what was tried: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -113,6 +66,7 @@ class _Blocks:
             layer.update({"gamma": self.a[i], "beta": self.b[i]} if batch_norm else {"bias": self.a[i]})
             self.tree.append(layer)
         self.tree.append({"weight": self.w_out, "bias": self.b_out})
+        self.layers = fused.Layers(self.w0, self.w_hidden, self.w_out, self.a, self.b, self.b_out, self.flat)
         if values is not None:
             for layer, source in zip(self.tree, values):
                 for key, view in layer.items():
@@ -142,6 +96,7 @@ class _StepBuffers:
         self.d = empty(n_hidden, batch, n)  # dL/d(pre-activation)
         self.count = dtype.type(batch)
         self.unbias = dtype.type(batch / (batch - 1)) if batch > 1 else dtype.type(np.nan)
+        self.fused: fused.Activations | None = None  # the same arrays, for fused.train_steps
         if backend == "numpy":  # temporaries of the ufunc path
             self.centered = empty(n_hidden, batch, n)
             self.tmp = empty(n_hidden, batch, n)
@@ -188,8 +143,12 @@ class FastTrainer:
         #: numba backend: a whole epoch in one numba call (:func:`numpyside.fused.train_steps`) where
         #: NumPy's BLAS can be called from numba, else kernel by kernel from Python
         self.whole_epoch = backend == "numba" and blas.available()
-        #: ... with BLAS and the kernels on numba's threads (:mod:`numpyside.threads`) where possible
-        self.threaded = self.whole_epoch and threads.available()
+        #: cores an epoch (and ``predict``) may use: NumPy's OpenBLAS is held to this many threads
+        self.threads = threads.default_count()
+        #: with ``threads >= 2`` and a whole epoch per call: OpenBLAS's jobs and the kernels' parts on
+        #: the same numba threads (:func:`numpyside.threads.limited`) where possible; False: OpenBLAS
+        #: on its own threads, the kernels on one
+        self.shared_pool = True
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
@@ -230,11 +189,10 @@ class FastTrainer:
         return self._run(batch_indices, rates)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Eval-mode class predictions for ``images`` (the reference forward pass; with
-        ``self.threaded`` its products, too, run on numba's threads, so that OpenBLAS's own
-        threads stay asleep and do not compete with them at the next epoch)."""
+        """Eval-mode class predictions for ``images`` (the reference forward pass, on the same
+        threads as the epochs: OpenBLAS's own workers are not woken to compete with them)."""
         images = contract.check_images(images, self.dtype)
-        with threads.blas_on_numba_threads() if self.threaded else contextlib.nullcontext():
+        with self._threads():
             logits = forward(self.params, self.state, images, train=False, backend=self.backend)[0]
         return np.argmax(logits, axis=-1)
 
@@ -266,68 +224,40 @@ class FastTrainer:
         batch_indices = np.ascontiguousarray(batch_indices, dtype=np.intp)  # one index type: one compilation
         buffers = self._buffers_for(batch_size)
         losses = np.empty(steps, self.dtype)
-        if self.whole_epoch:
-            self._train_steps(buffers, batch_indices, rates, losses)
-            return losses
-        step = self._step_numpy if self.backend == "numpy" else self._step_numba
-        with np.errstate(under="ignore"):  # exp(-|x|) underflows to 0 far out: intended
-            for k in range(steps):
-                losses[k] = step(buffers, batch_indices[k], rates[k])
+        with self._threads() as parts:
+            if self.whole_epoch:
+                epoch = fused.Epoch(self.images, self.labels, batch_indices, rates, losses)
+                train_steps = fused.train_steps_threaded if parts > 1 else fused.train_steps
+                train_steps(epoch, *self._fused_arguments(buffers), self.batch_norm, parts)
+                return losses
+            step = self._step_numpy if self.backend == "numpy" else self._step_numba
+            with np.errstate(under="ignore"):  # exp(-|x|) underflows to 0 far out: intended
+                for k in range(steps):
+                    losses[k] = step(buffers, batch_indices[k], rates[k])
         return losses
 
-    def _train_steps(self, b: _StepBuffers, batch_indices: np.ndarray, rates: np.ndarray, losses: np.ndarray) -> None:
-        """All steps in one numba call (:func:`numpyside.fused.train_steps`): the same operations as
-        :meth:`_step_numba` step after step, without Python in between. With ``self.threaded``,
-        the kernels' work is split across numba's threads, which also run BLAS's jobs
-        (:mod:`numpyside.threads`); the results are the same bits."""
-        p, g = self._params, self._grads
-        args = (
-            self.images,
-            self.labels,
-            batch_indices,
-            rates,
-            losses,
-            b.x,
-            b.labels,
-            b.z,
-            b.s,
-            b.x_hat,
-            b.mean,
-            b.var,
-            b.inv_std,
-            b.ds,
-            b.d,
-            b.logits,
-            b.dlogits,
-            p.w0,
-            p.w_hidden,
-            p.w_out,
-            p.a,
-            p.b,
-            p.b_out,
-            g.w0,
-            g.w_hidden,
-            g.w_out,
-            g.a,
-            g.b,
-            g.b_out,
-            p.flat,
+    def _threads(self):
+        """:func:`numpyside.threads.limited` to ``self.threads``; the kernels' parts only where a
+        whole epoch runs in one numba call."""
+        shared = self.shared_pool and self.whole_epoch
+        return threads.limited(self.threads, shared_pool=shared)
+
+    def _fused_arguments(self, b: _StepBuffers):
+        """The arguments of :func:`numpyside.fused.train_steps` after the epoch: buffers,
+        parameters, gradients, velocities, running statistics, scalars."""
+        if b.fused is None:
+            b.fused = fused.Activations(
+                b.x, b.labels, b.z, b.s, b.x_hat, b.mean, b.var, b.inv_std, b.ds, b.d, b.logits, b.dlogits
+            )
+        return (
+            b.fused,
+            self._params.layers,
+            self._grads.layers,
             self._velocity.flat,
-            g.flat,
             self._running_mean,
             self._running_var,
-            self._eps,
-            self._keep,
-            self._new,
-            b.unbias,
-            self.momentum,
-            self.batch_norm,
+            fused.Settings(self._eps, self._keep, self._new, b.unbias, self.momentum),
         )
-        if self.threaded:
-            with threads.blas_on_numba_threads():
-                fused.train_steps_threaded(*args, threads.parts())
-        else:
-            fused.train_steps(*args, 1)
 
     def _step_numba(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
         """Gather, forward, backward, SGD: one training step with the fused kernels."""

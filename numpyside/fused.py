@@ -25,6 +25,7 @@ Shapes: ``B`` = batch, ``n`` = features; all arrays C-contiguous, one float dtyp
 from __future__ import annotations
 
 import types as pytypes
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -286,121 +287,126 @@ def part_bounds(n, part, parts, align):
     return lo, hi
 
 
-def _train_steps(
-    images,
-    labels,
-    batch_indices,
-    rates,
-    losses,
-    x,
-    y,
-    z,
-    s,
-    x_hat,
-    mean,
-    var,
-    inv_std,
-    ds,
-    d,
-    logits,
-    dlogits,
-    w0,
-    w_hidden,
-    w_out,
-    a,
-    b,
-    b_out,
-    g_w0,
-    g_hidden,
-    g_out,
-    g_a,
-    g_b,
-    g_b_out,
-    params,
-    velocity,
-    grads,
-    running_mean,
-    running_var,
-    eps,
-    keep,
-    new,
-    unbias,
-    momentum,
-    batch_norm,
-    parts,
-):
-    """Steps ``k = 0 .. steps-1``: train on the batch ``batch_indices[k]`` with the learning rate
-    ``rates[k]``, write the loss to ``losses[k]``. The numba counterpart of ``jaxside.train``'s
-    ``lax.scan`` over an epoch: one compiled call, no Python between the steps.
+class Epoch(NamedTuple):
+    """What an epoch trains on: the training set, ``indices`` (steps, B) and ``rates`` (steps,);
+    the per-step ``losses`` (steps,) are written."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    rates: np.ndarray
+    losses: np.ndarray
+
+
+class Layers(NamedTuple):
+    """Parameters (or their gradients) in the stacked layout: ``w0`` (784, n), ``w_hidden``
+    (2, n, n), ``w_out`` (n, 10), ``a`` (3, n) gamma (or bias), ``b`` (3, n) beta, ``b_out`` (10,);
+    ``flat`` is the one buffer all of them are views of."""
+
+    w0: np.ndarray
+    w_hidden: np.ndarray
+    w_out: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    b_out: np.ndarray
+    flat: np.ndarray
+
+
+class Activations(NamedTuple):
+    """One step's buffers: ``x`` (B, 784) and ``y`` (B,) the gathered batch; ``z, s, x_hat, ds, d``
+    (3, B, n) per hidden layer; ``mean, var, inv_std`` (3, n); ``logits, dlogits`` (B, 10)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    s: np.ndarray
+    x_hat: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    inv_std: np.ndarray
+    ds: np.ndarray
+    d: np.ndarray
+    logits: np.ndarray
+    dlogits: np.ndarray
+
+
+class Settings(NamedTuple):
+    """Scalars in the arrays' dtype: batch norm's ``eps``; the running statistics' ``keep = 1 -
+    momentum`` and ``new = momentum``; ``unbias = B / (B - 1)``; SGD's ``momentum``."""
+
+    eps: np.floating
+    keep: np.floating
+    new: np.floating
+    unbias: np.floating
+    momentum: np.floating
+
+
+def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch_norm, parts):
+    r"""Step ``k``: train on the batch ``epoch.indices[k]`` with the rate ``epoch.rates[k]``, write
+    the loss to ``epoch.losses[k]``. The numba counterpart of ``jaxside.train``'s ``lax.scan``.
 
     A step: gather the batch; per hidden layer ``z = x @ W`` then batch norm + sigmoid; the output
     layer, softmax and loss; per hidden layer, last first, the sigmoid + batch-norm backward, then
-    ``dW = x.T @ d`` and ``dx = d @ W.T``; the SGD update of all parameters. Every kernel's work is
-    split into ``parts`` independent parts, each a ``prange`` iteration: rows of the gather, FEATURES
-    of batch norm (its sums run over the batch, so a feature's sum stays whole, in row order), slices
-    of the flat parameters in SGD. Compiled twice: :func:`train_steps` (``parts = 1``, ``prange``
-    is ``range``) and :func:`train_steps_threaded` (``parallel=True``, used inside
-    :func:`numpyside.threads.blas_on_numba_threads`, where the products run on the same threads).
-    The results do not depend on ``parts``.
-
-    Buffers: ``z, s, x_hat, ds, d`` are the (3, B, n) stacks of the hidden layers' buffers, ``mean,
-    var, inv_std`` and ``running_mean, running_var`` (3, n); ``w_hidden`` (2, n, n) the
-    hidden-to-hidden weights, ``a`` (3, n) the hidden layers' gamma (or bias), ``b`` (3, n) their
-    beta; ``g_*`` the gradients in the same layout, and ``params, velocity, grads`` the flat
-    buffers that all of them are views of.
+    ``dW = x.T @ d`` and ``dx = d @ W.T``; the SGD update of all parameters (``p`` and ``g`` are
+    :class:`Layers`, ``velocity`` flat, ``running_*`` (3, n), ``c`` :class:`Settings`). Every
+    kernel's work is split into ``parts`` independent parts, one ``prange`` iteration each: rows of
+    the gather, FEATURES of batch norm (a feature's sum over the batch stays whole, in row order),
+    slices of the flat parameters in SGD: the results do not depend on ``parts``. Compiled twice:
+    :func:`train_steps` (``prange`` is ``range``) and :func:`train_steps_threaded`.
     """
-    n_hidden, n_rows, n = z.shape
+    n_hidden, n_rows, n = act.z.shape
     last = n_hidden - 1
-    for k in range(batch_indices.shape[0]):
-        indices = batch_indices[k]
+    x, z, s, ds, d = act.x, act.z, act.s, act.ds, act.d
+    for k in range(epoch.indices.shape[0]):
+        indices = epoch.indices[k]
         for part in numba.prange(parts):
             lo, hi = part_bounds(n_rows, part, parts, 1)
-            gather_rows(images, indices, x, lo, hi)
-        gather_labels(labels, indices, y)
+            gather_rows(epoch.images, indices, x, lo, hi)
+        gather_labels(epoch.labels, indices, act.y)
         for i in range(n_hidden):
-            matmul(x if i == 0 else s[i - 1], w0 if i == 0 else w_hidden[i - 1], z[i])
+            matmul(x if i == 0 else s[i - 1], p.w0 if i == 0 else p.w_hidden[i - 1], z[i])
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
                 if batch_norm:
                     bn_sigmoid_forward(
                         z[i],
-                        a[i],
-                        b[i],
-                        eps,
+                        p.a[i],
+                        p.b[i],
+                        c.eps,
                         running_mean[i],
                         running_var[i],
-                        keep,
-                        new,
-                        unbias,
-                        mean[i],
-                        var[i],
-                        inv_std[i],
-                        x_hat[i],
+                        c.keep,
+                        c.new,
+                        c.unbias,
+                        act.mean[i],
+                        act.var[i],
+                        act.inv_std[i],
+                        act.x_hat[i],
                         s[i],
                         lo,
                         hi,
                     )
                 else:
-                    bias_sigmoid_forward(z[i], a[i], s[i], lo, hi)
-        matmul(s[last], w_out, logits)
-        losses[k] = bias_softmax_cross_entropy(logits, b_out, y, dlogits, g_b_out)
-        matmul_tn(s[last], dlogits, g_out)
-        matmul_nt(dlogits, w_out, ds[last])
+                    bias_sigmoid_forward(z[i], p.a[i], s[i], lo, hi)
+        matmul(s[last], p.w_out, act.logits)
+        epoch.losses[k] = bias_softmax_cross_entropy(act.logits, p.b_out, act.y, act.dlogits, g.b_out)
+        matmul_tn(s[last], act.dlogits, g.w_out)
+        matmul_nt(act.dlogits, p.w_out, ds[last])
         for i in range(last, -1, -1):
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
                 if batch_norm:
-                    sigmoid_bn_backward(ds[i], s[i], x_hat[i], a[i], inv_std[i], d[i], g_a[i], g_b[i], lo, hi)
+                    sigmoid_bn_backward(ds[i], s[i], act.x_hat[i], p.a[i], act.inv_std[i], d[i], g.a[i], g.b[i], lo, hi)
                 else:
-                    sigmoid_bias_backward(ds[i], s[i], d[i], g_a[i], lo, hi)
+                    sigmoid_bias_backward(ds[i], s[i], d[i], g.a[i], lo, hi)
             if i == 0:
-                matmul_tn(x, d[0], g_w0)
+                matmul_tn(x, d[0], g.w0)
             else:
-                matmul_tn(s[i - 1], d[i], g_hidden[i - 1])
-                matmul_nt(d[i], w_hidden[i - 1], ds[i - 1])
+                matmul_tn(s[i - 1], d[i], g.w_hidden[i - 1])
+                matmul_nt(d[i], p.w_hidden[i - 1], ds[i - 1])
         for part in numba.prange(parts):
-            lo, hi = part_bounds(params.shape[0], part, parts, 16)
-            sgd_momentum(params, velocity, grads, rates[k], momentum, lo, hi)
+            lo, hi = part_bounds(p.flat.shape[0], part, parts, 16)
+            sgd_momentum(p.flat, velocity, g.flat, epoch.rates[k], c.momentum, lo, hi)
 
 
 def _copy_named(function, name: str):

@@ -1,33 +1,24 @@
-"""One pool of threads for NumPy's BLAS and the numba kernels: OpenBLAS's parallel jobs run on
-numba's threads.
+"""How many cores the NumPy side uses, and one pool of threads for NumPy's BLAS and the numba kernels.
 
-On this 2-core machine a training step alternates BLAS products (two threads) with elementwise
-kernels. OpenBLAS keeps its own worker thread spinning between products, so a numba thread of our
-own on the second core would fight it for that core (measured: a gather with numba threads took a
-training step from 0.4 ms to 8.7 ms), and the kernels ran on one core while the other spun.
+:func:`limited` holds NumPy's OpenBLAS to ``count`` threads for a block (``openblas_set_num_threads``).
+With ``count = 1`` nothing else starts: no numba threads, no BLAS jobs for OpenBLAS's workers, so
+no thread of ours waits for another one on a machine that other processes share. That is the
+default (:data:`DEFAULT_THREADS`, or ``VMAP_BN_THREADS`` in the environment).
 
-OpenBLAS (0.3.27 and later) lets a program replace its thread server:
-``openblas_set_threads_callback_function(cb)`` makes every parallel BLAS call hand its jobs to
-``cb(sync, dojob, numjobs, jobdata_elsize, jobdata, dojob_data)``, which must run
-``dojob(i, jobdata + i * jobdata_elsize, dojob_data)`` for ``i < numjobs`` concurrently and return
-when they are done. :func:`_callback` is that function, compiled by numba; it runs the jobs as a
-``prange`` on numba's threads. Inside :func:`blas_on_numba_threads`, then, BLAS and the kernels of
-:mod:`numpyside.fused` share ONE pool: with the OpenMP threading layer the same two threads take
-one job of every product and one part of every kernel, so nothing competes for a core, and a
-product's two halves are computed exactly as OpenBLAS's own threads compute them
-(same jobs, same kernels: the same bits, ``tests/test_fast.py``).
-
-:func:`available` is False (and :class:`numpyside.fast.FastTrainer` keeps OpenBLAS's own threads
-and single-threaded kernels) when NumPy's OpenBLAS is not reachable or too old for the callback,
-when OpenBLAS or numba has fewer than 2 threads, or when numba's threading layer is its
-``workqueue`` fallback (no OpenMP or TBB runtime): that layer starts each parallel region by
-waking threads through the OS, several microseconds, and a step has ~20 regions.
+With ``count >= 2`` and ``shared_pool``, OpenBLAS's parallel jobs run on numba's threads: OpenBLAS
+(0.3.27+) calls ``cb(sync, dojob, numjobs, jobdata_elsize, jobdata, dojob_data)`` set by
+``openblas_set_threads_callback_function`` instead of its own thread server; :func:`_callback`
+runs ``dojob(i, jobdata + i * jobdata_elsize, dojob_data)`` for ``i < numjobs`` as a ``prange``.
+BLAS and the kernels of :mod:`numpyside.fused` then share one pool, and each product's jobs are
+OpenBLAS's own jobs (the same bits, ``tests/test_fast.py``). :func:`available` says whether this
+works here. Measurements: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 import numba
 import numpy as np
@@ -37,7 +28,23 @@ from numba.extending import intrinsic
 
 from numpyside import blas
 
+#: Threads of the NumPy side's training when nobody asks for more: one core, which the products
+#: fill on their own, and nothing that waits for a second core that other processes may hold.
+DEFAULT_THREADS = 1
+#: The environment variable that overrides :data:`DEFAULT_THREADS`.
+THREADS_VARIABLE = "VMAP_BN_THREADS"
+
 _jit_parallel = numba.njit(cache=True, parallel=True, nogil=True)
+
+
+def default_count() -> int:
+    """:data:`DEFAULT_THREADS`, or the positive integer in ``$VMAP_BN_THREADS``."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_THREADS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_VARIABLE} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @intrinsic
@@ -96,30 +103,38 @@ def _openblas_function(name: str, argtypes, restype):
     return None
 
 
-def _openblas_threads() -> int:
-    getter = _openblas_function("openblas_get_num_threads", [], ctypes.c_int)
-    return int(getter()) if getter is not None else 1
-
-
+_GET_THREADS = _openblas_function("openblas_get_num_threads", [], ctypes.c_int)
+_SET_THREADS = _openblas_function("openblas_set_num_threads", [ctypes.c_int], None)
 _SET_CALLBACK = _openblas_function("openblas_set_threads_callback_function", [ctypes.c_void_p], None)
+
+
+def openblas_threads() -> int:
+    """How many threads NumPy's OpenBLAS uses now (1 if it cannot be asked)."""
+    return int(_GET_THREADS()) if _GET_THREADS is not None else 1
+
+
+#: OpenBLAS's thread count as the process started (its environment's choice).
+OPENBLAS_THREADS_AT_START = openblas_threads()
 _reason: str | None = None
 
 
 def unavailable_reason() -> str:
-    """ "" when :func:`blas_on_numba_threads` can be used, else why not (checked once, lazily:
+    """ "" when OpenBLAS's jobs can run on numba's threads, else why not (checked once, lazily:
     finding numba's threading layer means starting its threads)."""
     global _reason
     if _reason is None:
         if blas.UNAVAILABLE_REASON:
             _reason = blas.UNAVAILABLE_REASON
-        elif _SET_CALLBACK is None:
+        elif _SET_CALLBACK is None or _SET_THREADS is None:
             _reason = "NumPy's OpenBLAS has no openblas_set_threads_callback_function (needs 0.3.27+)"
-        elif _openblas_threads() < 2 or numba.get_num_threads() < 2:
+        elif OPENBLAS_THREADS_AT_START < 2 or numba.config.NUMBA_NUM_THREADS < 2:
             _reason = "fewer than 2 BLAS or numba threads"
         else:
             callback_address()  # starts numba's threads and compiles the callback
             run_jobs(0, 0, 0, 0, 0)  # no jobs: fixes the threading layer
             layer = numba.threading_layer()
+            # workqueue (no OpenMP or TBB runtime) wakes its threads through the OS for each of a
+            # step's ~20 parallel regions
             _reason = "" if layer in ("omp", "tbb") else f"numba's threading layer is {layer!r}, not omp or tbb"
     return _reason
 
@@ -128,19 +143,39 @@ def available() -> bool:
     return not unavailable_reason()
 
 
-def parts() -> int:
-    """Into how many parts the kernels split their work: one per numba thread."""
-    return numba.get_num_threads()
+@contextlib.contextmanager
+def limited(count: int, *, shared_pool: bool = True):
+    """Inside: NumPy's OpenBLAS uses at most ``count`` threads. With ``count >= 2``, ``shared_pool``
+    and :func:`available`, its jobs run on ``count`` numba threads (:func:`_callback`). Yields the
+    number of parts the kernels may split their work into: ``count`` when the pool is shared, else 1.
+    On exit OpenBLAS's own thread count and thread server are back."""
+    if count < 1:
+        raise ValueError(f"thread count must be at least 1, got {count}")
+    previous = openblas_threads()
+    if _SET_THREADS is not None:
+        _SET_THREADS(min(count, max(previous, OPENBLAS_THREADS_AT_START)))
+    share = count >= 2 and shared_pool and available()
+    numba_threads = numba.get_num_threads() if share else 0
+    try:
+        if share:
+            parts = min(count, numba.config.NUMBA_NUM_THREADS)
+            numba.set_num_threads(parts)
+            _SET_CALLBACK(callback_address())
+            yield parts
+        else:
+            yield 1
+    finally:
+        if share:
+            _SET_CALLBACK(None)
+            numba.set_num_threads(numba_threads)
+        if _SET_THREADS is not None:
+            _SET_THREADS(previous)
 
 
 @contextlib.contextmanager
 def blas_on_numba_threads():
-    """Inside: NumPy's OpenBLAS runs its parallel jobs on numba's threads (:func:`_callback`).
-    On exit OpenBLAS's own thread server is back."""
+    """Inside: NumPy's OpenBLAS runs its parallel jobs on all of numba's threads."""
     if not available():
         raise RuntimeError(f"numpyside.threads is not available: {unavailable_reason()}")
-    _SET_CALLBACK(callback_address())
-    try:
+    with limited(numba.config.NUMBA_NUM_THREADS):
         yield
-    finally:
-        _SET_CALLBACK(None)

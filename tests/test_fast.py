@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -49,13 +52,17 @@ def make_pair(data, dtype, batch_norm, backend, seed=0):
 
 
 def train_both(reference, fast, schedule, seed=0):
-    """The same epochs on both trainers: ``schedule`` is a list of batch sizes, one per epoch."""
+    """The same epochs on both trainers: ``schedule`` is a list of batch sizes, one per epoch. The
+    reference's BLAS gets as many threads as the fast trainer's (OpenBLAS's results depend on its
+    thread count: one thread and two differ in the last bits of some products)."""
     rng = training.batch_rng(seed)
     losses = []
     for epoch, batch_size in enumerate(schedule):
         batches = training.epoch_batches(N_TRAIN, batch_size, rng)
         rates = training.LearningRateSchedule(0.3, len(schedule) * len(batches)).for_epoch(epoch, len(batches))
-        losses.append((reference.epoch(batches, rates), fast.epoch(batches, rates)))
+        with threads.limited(fast.threads, shared_pool=False):
+            reference_losses = reference.epoch(batches, rates)
+        losses.append((reference_losses, fast.epoch(batches, rates)))
     return losses
 
 
@@ -92,7 +99,9 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
     assert max_diff(fast.state_numpy(), reference.state_numpy()) <= tol
     assert len(fast.state_numpy()) == (3 if batch_norm else 0)
     test_x = data[2].astype(dtype)
-    np.testing.assert_array_equal(fast.predict(test_x), reference.predict(test_x))
+    with threads.limited(fast.threads, shared_pool=False):
+        expected = reference.predict(test_x)
+    np.testing.assert_array_equal(fast.predict(test_x), expected)
     # the layout of params/state is the shared one
     for a, b in zip(fast.params_numpy(), reference.params_numpy()):
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
@@ -100,24 +109,72 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(
-    "backend, whole_epoch, threaded",
-    [("numba", True, True), ("numba", True, False), ("numba", False, False), ("numpy", False, False)],
+    "backend, whole_epoch, n_threads, shared_pool",
+    [
+        ("numba", True, 1, True),
+        ("numba", True, 2, True),
+        ("numba", True, 2, False),
+        ("numba", False, 1, False),
+        ("numpy", False, 1, False),
+        ("numpy", False, 2, False),
+    ],
 )
-def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch, threaded):
-    """On one machine the fast path repeats the reference's operations exactly: the numba backend
-    with a whole epoch in one call (its kernels and BLAS's jobs on numba's threads, or BLAS on its
-    own threads and the kernels on one) and with np.matmul between the kernels; the NumPy backend."""
+def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch, n_threads, shared_pool):
+    """On one machine the fast path repeats the reference's operations exactly, with as many BLAS
+    threads as the reference: the numba backend with a whole epoch in one call (on one core; on two
+    with its kernels and BLAS's jobs on numba's threads; BLAS on its own two threads and the kernels
+    on one) and with np.matmul between the kernels; the NumPy backend."""
     if whole_epoch and not blas.available():
         pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
-    if threaded and not threads.available():
+    if n_threads > 1 and shared_pool and not threads.available():
         pytest.skip(f"numpyside.threads: {threads.unavailable_reason()}")
     reference, fast = make_pair(data, dtype, True, backend)
-    fast.whole_epoch, fast.threaded = whole_epoch, threaded
+    fast.whole_epoch, fast.threads, fast.shared_pool = whole_epoch, n_threads, shared_pool
     for ref_losses, fast_losses in train_both(reference, fast, [128]):
         np.testing.assert_array_equal(fast_losses, ref_losses)
     for a, b in zip(fast.params_numpy() + fast.state_numpy(), reference.params_numpy() + reference.state_numpy()):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+ONE_THREAD_SCRIPT = """
+import numpy as np, numba.np.ufunc.parallel as parallel
+from compare.init import init_params, init_state
+from numpyside import threads
+from numpyside.fast import FastTrainer
+rng = np.random.default_rng(0)
+images, labels = rng.random((256, 784), np.float32), rng.integers(0, 10, 256).astype(np.int32)
+trainer = FastTrainer(init_params(0, "float32"), init_state("float32"), images, labels, momentum=0.8)
+before = threads.openblas_threads()
+trainer.epoch(np.arange(256).reshape(2, 128), np.full(2, 0.1))
+trainer.predict(images[:3])
+print(trainer.threads, parallel._is_initialized, threads.openblas_threads() == before)
+"""
+
+
+def test_one_thread_by_default_starts_no_threads():
+    """A default trainer, in a fresh process, trains and predicts on one thread: numba's threading
+    layer is never started (nothing of ours waits for a second core), and OpenBLAS's thread count
+    is back afterwards."""
+    env = {k: v for k, v in os.environ.items() if k != threads.THREADS_VARIABLE}
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_THREAD_SCRIPT], capture_output=True, text=True, timeout=120, env=env, check=True
+    )
+    assert result.stdout.split() == ["1", "False", "True"], result.stderr
+    with threads.limited(1) as parts:
+        assert parts == 1 and threads.openblas_threads() == 1
+    with pytest.raises(ValueError), threads.limited(0):
+        pass
+
+
+def test_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv(threads.THREADS_VARIABLE, "2")
+    assert threads.default_count() == 2
+    monkeypatch.setenv(threads.THREADS_VARIABLE, "two")
+    with pytest.raises(ValueError, match=threads.THREADS_VARIABLE):
+        threads.default_count()
+    monkeypatch.delenv(threads.THREADS_VARIABLE)
+    assert threads.default_count() == threads.DEFAULT_THREADS
 
 
 @pytest.mark.skipif(not blas.available(), reason=f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
