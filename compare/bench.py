@@ -1,51 +1,31 @@
-"""Throughput of one training step (gather, forward, backward, SGD update) on this machine.
+"""Throughput of one training step (gather, forward, backward, SGD) of every implementation, next to
+"the limit": the step's 11 matrix products done by NumPy's BLAS alone on the same shapes.
 
-    vmap-bn-bench [--quick] [--out DIR] [--batch-sizes 32 128 512 2048] [--dtypes float32 float64]
+    vmap-bn-bench [--quick] [--threads 1 2] [--under-load] [--out DIR] [--batch-sizes ...] [--dtypes ...]
 
-For every dtype and batch size, in samples per second (median of repeated runs after a warm-up;
-the implementations and the limit are timed round-robin, one run of each per round, because this
-kind of machine drifts: see :func:`measure_interleaved`):
-
-* ``jax``: the per-example JAX model as :class:`jaxside.train.Trainer` runs it (an epoch as one
-  jitted ``lax.scan``; mode ``"scan"``), and the same step jitted on its own and called once per
-  step from Python (mode ``"jit-step"``);
-* ``numpy`` / ``numba``: :class:`numpyside.fast.FastTrainer` with the NumPy-ufunc and the fused
-  numba kernels (mode ``"fast"``), and the readable reference :class:`numpyside.train.Trainer`
-  (mode ``"reference"``); in full runs also the numba FastTrainer with OpenBLAS on its own
-  threads instead of numba's (mode ``"fast-own-threads"``, see :mod:`numpyside.threads`);
-* ``torch``: the same network in PyTorch eager mode on the CPU, if PyTorch is installed (an
-  optional outside reference; skipped with a note otherwise);
-
-and the machine's limit, measured in the same run: the step's matrix products (forward ``x @ W``
-of all 4 layers, backward ``x.T @ d`` of all 4 and ``d @ W.T`` of layers 1..3: 11 products) done
-by NumPy's BLAS on the same shapes, back to back. ``limit_samples_per_s = B / t(products)``; every
-row's ``fraction_of_limit`` (the median over the rounds of ``t(products) / t(step)``, same round) is
-the fraction of the machine's matrix throughput the implementation reaches.
-XLA's own dot is timed on the same 11 products too (a jitted scan over the steps, ``"xla-dot"``
-rows), to show where XLA's CPU matrix products, not the rest of the step, bound the JAX side.
-
-"The limit" is NumPy's BLAS as this environment configures it: on the development machine
-``OPENBLAS_CORETYPE=Haswell`` pins OpenBLAS to its AVX2 kernels on an AVX-512 CPU, while XLA uses
-AVX-512, so XLA's products (and a JAX step) can come out above 100 % of it at large batches.
-
-A whole MNIST epoch (60,000 images, batch 128, both dtypes) is timed as well (mode ``"epoch"``).
-
-Output: a table per dtype, ``bench.json`` (a list of rows with at least ``impl, dtype, batch_size,
-samples_per_s, limit_samples_per_s``; also ``mode``, ``ms_per_step`` and ``other_cpu``: the cores
-other processes used while the row was timed) and ``bench.png`` (samples/s against batch size, one
-line per implementation) in ``--out``. On a shared machine, rows timed while other processes were
-busy are flagged: re-run when ``other_cpu`` is 0.
+Each thread count runs in a process of its own, with OpenBLAS, numba, XLA's intra-op pool and
+PyTorch held to that many threads (XLA reads its setting at start only). There, per dtype and
+batch size, the rows of :data:`REGISTRY` and the limit are timed round-robin
+(:func:`measure_interleaved`): a row's ``fraction_of_limit`` is the median over the rounds of
+``t(limit) / t(row)`` in the same round. ``--under-load`` times batch 128 again while processes of
+the bench's own keep every core busy (:func:`competing_load`) and gives each row's slowdown. Output:
+tables, ``bench.json`` (a list of rows, keys in :func:`row`) and ``bench.png`` in ``--out``. To add
+a row, :func:`register` an :class:`Implementation`. Method and results: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python compare/bench.py`: make the repository importable
@@ -55,17 +35,25 @@ import numpy as np
 
 from compare import contract, training
 
+ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("jax", "numpy", "numba", "torch")
 BATCH_SIZES = (32, 128, 512, 2048)
 DTYPES = ("float32", "float64")
+THREADS = (1, 2)
 EPOCH_BATCH_SIZE = 128
+#: The batch size timed again under load.
+LOADED_BATCH_SIZE = 128
 #: Learning rate of the timed steps: small and constant, the values stay sane over many repeats.
 BENCH_LR = 0.01
 #: Every timed repeat covers about this many samples (``--quick``: fewer), at least 3 steps.
-SAMPLES_PER_REPEAT = {"full": 40_000, "quick": 4_000}
-REPEATS = {"full": 5, "quick": 3}
+SAMPLES_PER_REPEAT = {"full": 40_000, "quick": 4_000, "loaded": 10_000}
+REPEATS = {"full": 5, "quick": 3, "loaded": 3}
 #: A row is flagged when other processes used more than this many cores while it was timed.
 BUSY_THRESHOLD = 0.1
+#: The competing processes of ``--under-load`` end themselves after this long at the latest.
+LOAD_SECONDS_BOUND = 900
+#: The command that runs the bench on this CPU's own OpenBLAS kernels where the environment pins them.
+NATIVE_KERNEL_COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE vmap-bn-bench"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +101,7 @@ class Timing:
     steps: int  # per repeat
     other_cpu: float  # max over the rounds
     fraction_of_limit: float = float("nan")  # median over the rounds of t(limit) / t(this), same round
+    cpu_per_wall: float = float("nan")  # this process's CPU time / wall time while timed: cores used
 
 
 def measure_interleaved(
@@ -135,16 +124,19 @@ def measure_interleaved(
             run()
     times = {key: [] for key in runs}
     others = {key: [] for key in runs}
+    cores = {key: [] for key in runs}
     for _ in range(repeats):
         for key, run in runs.items():
             for _ in range(settle):
                 run()
             with CpuLoad() as load:
-                start = time.perf_counter()
+                cpu, start = sum(os.times()[:2]), time.perf_counter()
                 run()
                 elapsed = time.perf_counter() - start
+                cpu = sum(os.times()[:2]) - cpu
             times[key].append(elapsed / steps)
             others[key].append(load.other)
+            cores[key].append(cpu / elapsed)
     out = {}
     for key, values in times.items():
         median = float(np.median(values))
@@ -153,8 +145,35 @@ def measure_interleaved(
             if limit_key is not None
             else float("nan")
         )
-        out[key] = Timing(median, (max(values) - min(values)) / median, repeats, steps, max(others[key]), ratio)
+        spread = (max(values) - min(values)) / median
+        out[key] = Timing(median, spread, repeats, steps, max(others[key]), ratio, float(np.median(cores[key])))
     return out
+
+
+@contextlib.contextmanager
+def competing_load(processes: int, seconds: float = LOAD_SECONDS_BOUND):
+    """Inside: ``processes`` Python processes spin (``while True``), competing for the cores as a
+    user's other work does. Each ends itself after ``seconds``; on leaving the block (normally, by
+    an exception or Ctrl-C) they are killed by PID and reaped. Yields their PIDs."""
+    spin = f"import time\nend = time.monotonic() + {float(seconds)}\nwhile time.monotonic() < end:\n    pass\n"
+    spinners = []
+    try:
+        for _ in range(processes):
+            spinners.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", spin],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(0.3)  # running before the timing starts
+        yield [spinner.pid for spinner in spinners]
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,24 +292,24 @@ class Setup:
 
 
 def numpy_runner(
-    setup: Setup, batches: np.ndarray, *, backend: str, reference: bool = False, own_blas_threads: bool = False
+    setup: Setup, batches: np.ndarray, threads: int, *, backend: str, reference: bool = False, shared_pool=True
 ):
-    """The NumPy side's trainer on ``batches``; ``own_blas_threads``: the numba FastTrainer with
-    OpenBLAS on its own threads and the kernels on one (not on numba's threads, see
-    :mod:`numpyside.threads`), to show what sharing one pool of threads gains."""
+    """The NumPy side's trainer on ``batches`` with ``threads`` threads (the reference ``Trainer``
+    gets them through OpenBLAS's thread count, the process's own); ``shared_pool=False``: the numba
+    FastTrainer with OpenBLAS on its own threads and the kernels on one (:mod:`numpyside.threads`)."""
     from numpyside.fast import FastTrainer
     from numpyside.train import Trainer
 
     cls = Trainer if reference else FastTrainer
     trainer = cls(setup.params, setup.state, setup.images, setup.labels, momentum=setup.momentum, backend=backend)
-    if own_blas_threads:
-        trainer.threaded = False
+    if not reference:
+        trainer.threads, trainer.shared_pool = threads, shared_pool
     trainer.compile(*batches.shape)
     rates = np.full(len(batches), BENCH_LR)
     return lambda: trainer.epoch(batches, rates)
 
 
-def jax_scan_runner(setup: Setup, batches: np.ndarray):
+def jax_scan_runner(setup: Setup, batches: np.ndarray, threads: int):
     from jaxside.train import Trainer
 
     trainer = Trainer(setup.params, setup.state, setup.images, setup.labels, momentum=setup.momentum)
@@ -317,7 +336,7 @@ def _jax_step():
     return step
 
 
-def jax_step_runner(setup: Setup, batches: np.ndarray):
+def jax_step_runner(setup: Setup, batches: np.ndarray, threads: int):
     """The training step jitted alone, one Python call (one dispatch) per step; the batch is
     gathered on the device from its indices, as in the scan."""
     import jax
@@ -342,14 +361,14 @@ def jax_step_runner(setup: Setup, batches: np.ndarray):
     return run
 
 
-def torch_runner(setup: Setup, batches: np.ndarray):
+def torch_runner(setup: Setup, batches: np.ndarray, threads: int):
     """The same network in PyTorch eager mode (CPU): ``sigmoid(BatchNorm1d(x @ W))`` x 3, a linear
     output layer, ``cross_entropy``, ``torch.optim.SGD(momentum=0.8)`` (no dampening: the same
     update ``v <- m v + g; p <- p - lr v``). Raises ImportError without PyTorch."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[setup.dtype]
     hidden = setup.params[:-1]
     weights = [torch.tensor(np.asarray(layer["weight"]), dtype=dtype, requires_grad=True) for layer in setup.params]
@@ -391,12 +410,137 @@ def torch_available() -> tuple[bool, str]:
     return True, f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def _available() -> str:
+    return ""
+
+
+def torch_missing() -> str:
+    """ "" when PyTorch can be imported, else the note that says its rows are skipped."""
+    ok, note = torch_available()
+    return "" if ok else note
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One row of the bench. ``make(setup, batches, threads)`` returns a callable that runs the
+    ``len(batches)`` training steps (compiled and warm); ``impl`` is bench.json's ``impl`` (one of
+    :data:`IMPLS`), ``mode`` tells rows of one ``impl`` apart."""
+
+    impl: str
+    mode: str
+    label: str
+    make: Callable[[Setup, np.ndarray, int], Callable[[], object]]
+    style: dict = field(default_factory=dict)
+    quick: bool = True  # timed in --quick runs too
+    epoch: bool = False  # also timed on a whole MNIST epoch (mode "epoch")
+    min_threads: int = 1  # rows that differ from another only with more threads
+    missing: Callable[[], str] = _available  # "" or why the row cannot run here
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.impl, self.mode
+
+
+#: The rows of the bench, in table order; :func:`register` adds one.
+REGISTRY: list[Implementation] = []
+
+
+def register(implementation: Implementation) -> Implementation:
+    if implementation.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {implementation.impl!r}")
+    if any(other.key == implementation.key for other in REGISTRY):
+        raise ValueError(f"{implementation.key} is registered already")
+    REGISTRY.append(implementation)
+    return implementation
+
+
+LIMIT_KEY = ("blas", "limit")
+LIMIT_LABEL = "limit: NumPy BLAS, 11 products"
+LIMIT_STYLE = dict(color="black", linestyle="--", marker="")
+
+for _implementation in (
+    Implementation(
+        "jax",
+        "xla-dot",
+        "XLA dot, 11 products",
+        lambda s, b, t: xla_products(b.shape[1], s.dtype, len(b), s.images),
+        dict(color="#1f77b4", linestyle=":", marker=""),
+    ),
+    Implementation(
+        "jax", "scan", "JAX, epoch in lax.scan", jax_scan_runner, dict(color="#1f77b4", marker="o"), epoch=True
+    ),
+    Implementation("jax", "jit-step", "JAX, jitted step per call", jax_step_runner, dict(color="#aec7e8", marker="s")),
+    Implementation(
+        "numpy",
+        "fast",
+        "NumPy FastTrainer",
+        functools.partial(numpy_runner, backend="numpy"),
+        dict(color="#2ca02c", marker="^"),
+        epoch=True,
+    ),
+    Implementation(
+        "numba",
+        "fast",
+        "numba FastTrainer",
+        functools.partial(numpy_runner, backend="numba"),
+        dict(color="#ff7f0e", marker="D"),
+        epoch=True,
+    ),
+    Implementation(
+        "numpy",
+        "reference",
+        "NumPy reference Trainer",
+        functools.partial(numpy_runner, backend="numpy", reference=True),
+        dict(color="#98df8a", marker="v", linestyle="-."),
+        quick=False,
+    ),
+    Implementation(
+        "numba",
+        "reference",
+        "numba reference Trainer",
+        functools.partial(numpy_runner, backend="numba", reference=True),
+        dict(color="#ffbb78", marker="d", linestyle="-."),
+        quick=False,
+    ),
+    Implementation(
+        "numba",
+        "fast-own-threads",
+        "numba FastTrainer, OpenBLAS's own threads",
+        functools.partial(numpy_runner, backend="numba", shared_pool=False),
+        dict(color="#ff7f0e", marker="D", linestyle=":", alpha=0.6),
+        quick=False,
+        min_threads=2,
+    ),
+    Implementation(
+        "torch",
+        "eager",
+        "PyTorch eager",
+        torch_runner,
+        dict(color="#d62728", marker="x"),
+        epoch=True,
+        missing=torch_missing,
+    ),
+):
+    register(_implementation)
+
+
+def selected(impls, *, quick: bool, threads: int, epoch: bool = False) -> list[Implementation]:
+    """The registered rows for this run."""
+    return [
+        i
+        for i in REGISTRY
+        if i.impl in impls and (i.quick or not quick) and threads >= i.min_threads and (i.epoch or not epoch)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
-# the benchmark
+# the benchmark (runs in a worker process per thread count)
 # ------------------------------------------------------------------------------------------------
 
 
-def row(impl, mode, dtype, batch_size, timing: Timing, limit: float, **extra) -> dict:
+def row(impl, mode, dtype, batch_size, timing: Timing, limit: float, settings: dict, **extra) -> dict:
+    """One bench.json row. ``settings``: :func:`thread_settings` of the worker (``threads``,
+    ``blas_kernel`` ...); ``under_load``: timed while :func:`competing_load` ran."""
     samples_per_s = batch_size / timing.seconds_per_step
     return {
         "impl": impl,
@@ -411,167 +555,275 @@ def row(impl, mode, dtype, batch_size, timing: Timing, limit: float, **extra) ->
         "repeats": timing.repeats,
         "steps_per_repeat": timing.steps,
         "other_cpu": timing.other_cpu,
+        "cpu_per_wall": timing.cpu_per_wall,
+        "under_load": False,
+        **settings,
         **extra,
     }
 
 
-def step_runners(setup: Setup, batches: np.ndarray, impls, *, reference: bool) -> dict:
-    """``(impl, mode) -> run`` for every implementation at this batch size (compiled, warm)."""
-    from numpyside import threads
-
-    batch_size, steps = batches.shape[1], len(batches)
-    runs = {("blas", "limit"): blas_runner(batch_size, setup.dtype, steps)}
-    if "jax" in impls:
-        runs["jax", "xla-dot"] = xla_products(batch_size, setup.dtype, steps, setup.images)
-        runs["jax", "scan"] = jax_scan_runner(setup, batches)
-        runs["jax", "jit-step"] = jax_step_runner(setup, batches)
-    for backend in ("numpy", "numba"):
-        if backend in impls:
-            runs[backend, "fast"] = numpy_runner(setup, batches, backend=backend)
-            if reference:
-                runs[backend, "reference"] = numpy_runner(setup, batches, backend=backend, reference=True)
-    if reference and "numba" in impls and threads.available():  # else "fast" already is that
-        runs["numba", "fast-own-threads"] = numpy_runner(setup, batches, backend="numba", own_blas_threads=True)
-    if "torch" in impls:
-        runs["torch", "eager"] = torch_runner(setup, batches)
-    return runs
-
-
-def bench_steps(setup: Setup, batch_size: int, size: str, impls, rng, log, *, reference: bool) -> list[dict]:
-    """Every implementation's steps at one batch size, and the limit, timed round-robin."""
-    dtype = setup.dtype
+def bench_batch_size(setup: Setup, batch_size: int, size: str, impls, rng, log, settings, *, under_load: bool):
+    """Every selected row at one batch size, and the limit, timed round-robin; with ``under_load``
+    (at :data:`LOADED_BATCH_SIZE`) the same runs timed again under :func:`competing_load`."""
+    dtype, threads = setup.dtype, settings["threads"]
     steps = max(3, round(SAMPLES_PER_REPEAT[size] / batch_size))
     batches = training.epoch_batches(len(setup.images), batch_size, rng)[:steps]
-    runs = step_runners(setup, batches, impls, reference=reference)
-    timings = measure_interleaved(runs, steps, REPEATS[size], limit_key=("blas", "limit"))
-    limit = batch_size / timings["blas", "limit"].seconds_per_step
-    gflops = step_flops(batch_size) / timings["blas", "limit"].seconds_per_step / 1e9
-    rows = []
-    for (impl, mode), timing in timings.items():
-        rows.append(row(impl, mode, dtype, batch_size, timing, limit, limit_gflops=gflops))
+    runs = {LIMIT_KEY: blas_runner(batch_size, dtype, steps)}
+    for implementation in selected(impls, quick=size == "quick", threads=threads):
+        runs[implementation.key] = implementation.make(setup, batches, threads)
+    rows = _rows(measure_interleaved(runs, steps, REPEATS[size], limit_key=LIMIT_KEY), setup, batch_size, settings)
+    if under_load and batch_size == LOADED_BATCH_SIZE:
+        loaded_steps = min(steps, max(3, round(SAMPLES_PER_REPEAT["loaded"] / batch_size)))
+        if loaded_steps < steps:  # a shorter timing: every row made again for fewer steps
+            runs = {key: _runner(key, setup, batches[:loaded_steps], threads) for key in runs}
+        with competing_load(os.cpu_count() or 1):
+            timings = measure_interleaved(runs, loaded_steps, REPEATS["loaded"], limit_key=LIMIT_KEY, warmup=0)
+        idle = {(r["impl"], r["mode"]): r["samples_per_s"] for r in rows}
+        loaded = _rows(timings, setup, batch_size, settings, under_load=True)
+        for r in loaded:
+            r["slowdown"] = idle[r["impl"], r["mode"]] / r["samples_per_s"]
+        rows += loaded
+    for r in rows:
+        load = " under load" if r["under_load"] else ""
         log(
-            f"{dtype} B={batch_size:<5} {impl:>6} {mode:<10} {rows[-1]['samples_per_s']:>12,.0f} samples/s  "
-            f"{rows[-1]['fraction_of_limit']:6.1%} of the limit"
+            f"{dtype} {threads} thread{'s' if threads > 1 else ' '} B={batch_size:<5} {r['impl']:>6} {r['mode']:<16}"
+            f"{r['samples_per_s']:>10,.0f} samples/s {r['fraction_of_limit']:6.1%} of the limit{load}"
         )
     return rows
 
 
-def bench_epoch(setup: Setup, impls, rng, repeats: int, log) -> list[dict]:
+def _runner(key, setup, batches, threads):
+    """A fresh run of the row ``key`` (or the limit) on ``batches``."""
+    if key == LIMIT_KEY:
+        return blas_runner(batches.shape[1], setup.dtype, len(batches))
+    implementation = next(i for i in REGISTRY if i.key == key)
+    return implementation.make(setup, batches, threads)
+
+
+def _rows(timings, setup, batch_size, settings, under_load=False):
+    limit_timing = timings[LIMIT_KEY]
+    limit = batch_size / limit_timing.seconds_per_step
+    gflops = step_flops(batch_size) / limit_timing.seconds_per_step / 1e9
+    return [
+        row(impl, mode, setup.dtype, batch_size, timing, limit, settings, limit_gflops=gflops, under_load=under_load)
+        for (impl, mode), timing in timings.items()
+        if (impl, mode) != LIMIT_KEY
+    ] + [
+        row(
+            *LIMIT_KEY,
+            setup.dtype,
+            batch_size,
+            limit_timing,
+            limit,
+            settings,
+            limit_gflops=gflops,
+            under_load=under_load,
+        )
+    ]
+
+
+def bench_epoch(setup: Setup, impls, rng, repeats: int, log, settings) -> list[dict]:
     """A whole MNIST epoch (60,000 images, batch 128) per implementation, timed round-robin
     together with the limit's products for as many steps."""
-    batch_size = EPOCH_BATCH_SIZE
+    batch_size, threads = EPOCH_BATCH_SIZE, settings["threads"]
     batches = training.epoch_batches(len(setup.images), batch_size, rng)
     steps = len(batches)
-    makers = {
-        "jax": lambda: jax_scan_runner(setup, batches),
-        "numpy": lambda: numpy_runner(setup, batches, backend="numpy"),
-        "numba": lambda: numpy_runner(setup, batches, backend="numba"),
-        "torch": lambda: torch_runner(setup, batches),
-    }
     runs = {"limit": blas_runner(batch_size, setup.dtype, steps)}
-    runs.update({impl: makers[impl]() for impl in IMPLS if impl in impls})
+    for implementation in selected(impls, quick=True, threads=threads, epoch=True):
+        runs[implementation.impl] = implementation.make(setup, batches, threads)
     timings = measure_interleaved(runs, steps, repeats, limit_key="limit", warmup=0, settle=1)
     limit = batch_size / timings.pop("limit").seconds_per_step
     rows = []
     for impl, timing in timings.items():
-        rows.append(
-            row(
-                impl,
-                "epoch",
-                setup.dtype,
-                batch_size,
-                timing,
-                limit,
-                epoch_seconds=timing.seconds_per_step * steps,
-                epoch_samples=steps * batch_size,
-            )
-        )
+        epoch_seconds = timing.seconds_per_step * steps
+        r = row(impl, "epoch", setup.dtype, batch_size, timing, limit, settings, epoch_seconds=epoch_seconds)
+        r["epoch_samples"] = steps * batch_size
+        rows.append(r)
         log(
-            f"{setup.dtype} epoch {impl:>6}: {rows[-1]['epoch_seconds']:.3f} s, "
-            f"{rows[-1]['samples_per_s']:,.0f} samples/s, {rows[-1]['fraction_of_limit']:.1%} of the limit"
+            f"{setup.dtype} {threads} thread{'s' if threads > 1 else ' '} epoch {impl:>6}: {epoch_seconds:.3f} s, "
+            f"{r['samples_per_s']:,.0f} samples/s, {r['fraction_of_limit']:.1%} of the limit"
         )
     return rows
 
 
-def environment() -> dict:
-    from compare.report import machine, versions
+def worker_environment(threads: int) -> dict:
+    """The environment of the worker for ``threads``: every library's thread count set to it (XLA
+    through ``XLA_FLAGS``). ``OPENBLAS_CORETYPE`` and the rest are left as they are."""
+    env = dict(os.environ)
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[name] = str(threads)
+    from numpyside.threads import THREADS_VARIABLE
 
-    env = {
-        "machine": machine(),
-        "versions": versions(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "XLA_", "NUMBA_"))},
-    }
-    try:
-        import threadpoolctl
-
-        env["blas"] = [
-            {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-            for info in threadpoolctl.threadpool_info()
-            if info.get("user_api") == "blas"
-        ]
-    except ImportError:
-        pass
+    env[THREADS_VARIABLE] = str(threads)
+    eigen = "false" if threads == 1 else "true"
+    xla = f"--xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={threads}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla}".strip()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def numpy_blas_info() -> dict:
+    """NumPy's BLAS as ``threadpoolctl`` describes it (library, version, threads, kernel)."""
+    import threadpoolctl
+
+    infos = [info for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+    numpy_dir = str(Path(np.__file__).resolve().parents[1])
+    ours = [info for info in infos if str(info.get("filepath", "")).startswith(numpy_dir + os.sep + "numpy")]
+    return (ours or infos or [{}])[0]
+
+
+def thread_settings(threads: int) -> dict:
+    """What this worker runs on: the keys every bench.json row carries."""
+    import numba
+
+    info = numpy_blas_info()
+    coretype = os.environ.get("OPENBLAS_CORETYPE")
+    return {
+        "threads": threads,
+        "blas_kernel": info.get("architecture"),
+        "blas_library": f"{info.get('internal_api')} {info.get('version')}",
+        "blas_threads": info.get("num_threads"),
+        "numba_threads": numba.config.NUMBA_NUM_THREADS,
+        "xla_threads": threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "openblas_coretype_set": coretype is not None,
+        "openblas_coretype": coretype,
+    }
+
+
+def worker(args) -> int:
+    """The rows of one thread count, written to ``args.worker_out``."""
+    from compare.init import init_params, init_state
+    from compare.mnist import load_mnist
+
+    threads, size = args.worker_threads, "quick" if args.quick else "full"
+    impls = list(args.impls)
+    notes = []
+    for implementation in selected(impls, quick=args.quick, threads=threads):
+        why = implementation.missing()
+        if why:
+            notes.append(why)
+            impls = [impl for impl in impls if impl != implementation.impl]
+    if "jax" in impls:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
+    settings = thread_settings(threads)
+
+    def log(text):
+        print(text, flush=True)
+
+    log(
+        f"{threads} thread(s): {settings['blas_library']} ({settings['blas_kernel']} kernels, "
+        f"{settings['blas_threads']} threads), numba {settings['numba_threads']}, XLA_FLAGS={settings['xla_flags']!r}"
+    )
+    train_x, train_y, _, _ = load_mnist()
+    rows = []
+    for dtype in args.dtypes:
+        params, state = init_params(args.seed, dtype), init_state(dtype)
+        setup = Setup(dtype, train_x.astype(dtype), train_y, params, state)
+        rng = training.batch_rng(args.seed)
+        for batch_size in args.batch_sizes:
+            rows += bench_batch_size(setup, batch_size, size, impls, rng, log, settings, under_load=args.under_load)
+        if not args.no_epoch:
+            rows += bench_epoch(setup, impls, rng, 1 if args.quick else 3, log, settings)
+    Path(args.worker_out).write_text(json.dumps({"rows": rows, "notes": notes}))
+    return 0
+
+
+def run_worker(args, threads: int, console) -> tuple[list[dict], list[str]]:
+    """Run :func:`worker` for ``threads`` in a process of its own; its rows and notes."""
+    forwarded = ["--batch-sizes", *map(str, args.batch_sizes), "--dtypes", *args.dtypes, "--impls", *args.impls]
+    forwarded += ["--seed", str(args.seed)] + [f"--{flag.replace('_', '-')}" for flag in FLAGS if getattr(args, flag)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [sys.executable, "-m", "compare.bench", *forwarded, "--worker-threads", str(threads)]
+        process = subprocess.Popen([*command, "--worker-out", str(out)], env=worker_environment(threads), cwd=ROOT)
+        try:
+            code = process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if code != 0:
+            raise RuntimeError(f"the {threads}-thread bench worker failed (exit status {code})")
+        result = json.loads(out.read_text())
+    return result["rows"], result["notes"]
 
 
 # ------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------
 
-LABELS = {
-    ("blas", "limit"): "limit: NumPy BLAS, 11 products",
-    ("jax", "xla-dot"): "XLA dot, 11 products",
-    ("jax", "scan"): "JAX, epoch in lax.scan",
-    ("jax", "jit-step"): "JAX, jitted step per call",
-    ("numpy", "fast"): "NumPy FastTrainer",
-    ("numba", "fast"): "numba FastTrainer",
-    ("numpy", "reference"): "NumPy reference Trainer",
-    ("numba", "reference"): "numba reference Trainer",
-    ("numba", "fast-own-threads"): "numba FastTrainer, OpenBLAS's own threads",
-    ("torch", "eager"): "PyTorch eager",
-}
+
+def labels() -> dict:
+    return {LIMIT_KEY: LIMIT_LABEL, **{i.key: i.label for i in REGISTRY}}
+
+
+def _label(key) -> str:
+    return labels().get(key, f"{key[0]} {key[1]}")
 
 
 def tables(rows: list[dict]):
     from rich.table import Table
 
     out = []
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        step_rows = [r for r in rows if r["dtype"] == dtype and r["mode"] != "epoch"]
-        sizes = sorted({r["batch_size"] for r in step_rows})
-        table = Table(
-            title=f"{dtype}: samples/s of a training step (share of the BLAS limit; * = other processes busy)"
-        )
-        table.add_column("implementation", no_wrap=True)
-        for b in sizes:
-            table.add_column(f"B={b}", justify="right")
-        for key in dict.fromkeys((r["impl"], r["mode"]) for r in step_rows):
-            cells = []
+    idle = [r for r in rows if not r["under_load"]]
+    for dtype in dict.fromkeys(r["dtype"] for r in idle):
+        for threads in sorted({r["threads"] for r in idle}):
+            step_rows = [r for r in idle if r["dtype"] == dtype and r["threads"] == threads and r["mode"] != "epoch"]
+            if not step_rows:
+                continue
+            sizes = sorted({r["batch_size"] for r in step_rows})
+            table = Table(
+                title=f"{dtype}, {threads} thread{'s' if threads > 1 else ''}: samples/s of a training step "
+                "(share of the BLAS limit; * = other processes busy)"
+            )
+            table.add_column("implementation", no_wrap=True)
             for b in sizes:
-                match = [r for r in step_rows if (r["impl"], r["mode"]) == key and r["batch_size"] == b]
-                if not match:
-                    cells.append("")
-                    continue
-                r = match[0]
-                busy = "[red]*[/]" if r["other_cpu"] > BUSY_THRESHOLD else ""
-                extra = (
-                    f" {r['limit_gflops']:.0f} GF/s" if key == ("blas", "limit") else f" ({r['fraction_of_limit']:.0%})"
-                )
-                cells.append(f"{r['samples_per_s'] / 1e3:,.0f}k{extra}{busy}")
-            table.add_row(LABELS.get(key, f"{key[0]} {key[1]}"), *cells)
+                table.add_column(f"B={b}", justify="right")
+            for key in dict.fromkeys((r["impl"], r["mode"]) for r in step_rows):
+                cells = []
+                for b in sizes:
+                    match = [r for r in step_rows if (r["impl"], r["mode"]) == key and r["batch_size"] == b]
+                    if not match:
+                        cells.append("")
+                        continue
+                    r = match[0]
+                    busy = "[red]*[/]" if r["other_cpu"] > BUSY_THRESHOLD else ""
+                    extra = f" {r['limit_gflops']:.0f} GF/s" if key == LIMIT_KEY else f" ({r['fraction_of_limit']:.0%})"
+                    cells.append(f"{r['samples_per_s'] / 1e3:,.0f}k{extra}{busy}")
+                table.add_row(_label(key), *cells)
+            out.append(table)
+    loaded = [r for r in rows if r["under_load"]]
+    if loaded:
+        table = Table(title=f"Under load: B={LOADED_BATCH_SIZE} while {os.cpu_count()} spinning processes compete")
+        for name in ("implementation", "dtype", "threads", "idle samples/s", "loaded samples/s", "slowdown"):
+            table.add_column(name, justify="left" if name == "implementation" else "right")
+        for r in loaded:
+            idle_rate = r["samples_per_s"] * r["slowdown"]
+            table.add_row(
+                _label((r["impl"], r["mode"])),
+                r["dtype"],
+                str(r["threads"]),
+                f"{idle_rate:,.0f}",
+                f"{r['samples_per_s']:,.0f}",
+                f"{r['slowdown']:.2f}x",
+            )
         out.append(table)
-    epoch_rows = [r for r in rows if r["mode"] == "epoch"]
+    epoch_rows = [r for r in idle if r["mode"] == "epoch"]
     if epoch_rows:
         table = Table(
             title=f"A whole MNIST epoch ({epoch_rows[0]['epoch_samples']:,} images, batch {EPOCH_BATCH_SIZE})"
         )
-        for name in ("implementation", "dtype", "seconds", "samples/s", "share of limit"):
+        for name in ("implementation", "dtype", "threads", "seconds", "samples/s", "share of limit"):
             table.add_column(name, justify="left" if name == "implementation" else "right")
         for r in epoch_rows:
             busy = "[red]*[/]" if r["other_cpu"] > BUSY_THRESHOLD else ""
             table.add_row(
                 r["impl"],
                 r["dtype"],
+                str(r["threads"]),
                 f"{r['epoch_seconds']:.3f}",
                 f"{r['samples_per_s']:,.0f}{busy}",
                 f"{r['fraction_of_limit']:.0%}",
@@ -580,45 +832,71 @@ def tables(rows: list[dict]):
     return out
 
 
+def verdicts(rows: list[dict]) -> list[str]:
+    """At batch 128: the numba FastTrainer against JAX's fastest training row, and each side's
+    slowdown under load, per dtype and thread count (all from the same worker's rounds)."""
+    lines = []
+    training_modes = {"scan", "jit-step", "epoch"}
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for threads in sorted({r["threads"] for r in rows}):
+            here = [
+                r
+                for r in rows
+                if r["dtype"] == dtype and r["threads"] == threads and r["batch_size"] == EPOCH_BATCH_SIZE
+            ]
+            idle = [r for r in here if not r["under_load"]]
+            numba_rows = [r for r in idle if r["impl"] == "numba" and r["mode"] in ("fast", "epoch")]
+            jax_rows = [r for r in idle if r["impl"] == "jax" and r["mode"] in training_modes]
+            if numba_rows and jax_rows:
+                ours = max(numba_rows, key=lambda r: r["fraction_of_limit"])
+                best = max(jax_rows, key=lambda r: r["fraction_of_limit"])
+                ratio = ours["fraction_of_limit"] / best["fraction_of_limit"]
+                lines.append(
+                    f"{dtype}, {threads} thread(s), B={EPOCH_BATCH_SIZE}: numba {ours['mode']} "
+                    f"{ours['fraction_of_limit']:.0%} of the limit, JAX {best['mode']} "
+                    f"{best['fraction_of_limit']:.0%}: ratio {ratio:.2f}"
+                )
+            slow = {r["impl"]: r["slowdown"] for r in here if r["under_load"] and r["mode"] in ("fast", "scan")}
+            if "numba" in slow and "jax" in slow:
+                lines.append(
+                    f"{dtype}, {threads} thread(s), under load: numba fast {slow['numba']:.2f}x slower, "
+                    f"JAX scan {slow['jax']:.2f}x: ratio {slow['numba'] / slow['jax']:.2f}"
+                )
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dtypes = list(dict.fromkeys(r["dtype"] for r in rows if r["mode"] != "epoch"))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.6), squeeze=False)
-    styles = {
-        ("blas", "limit"): dict(color="black", linestyle="--", marker=""),
-        ("jax", "xla-dot"): dict(color="#1f77b4", linestyle=":", marker=""),
-        ("jax", "scan"): dict(color="#1f77b4", marker="o"),
-        ("jax", "jit-step"): dict(color="#aec7e8", marker="s"),
-        ("numpy", "fast"): dict(color="#2ca02c", marker="^"),
-        ("numba", "fast"): dict(color="#ff7f0e", marker="D"),
-        ("numpy", "reference"): dict(color="#98df8a", marker="v", linestyle="-."),
-        ("numba", "reference"): dict(color="#ffbb78", marker="d", linestyle="-."),
-        ("numba", "fast-own-threads"): dict(color="#ff7f0e", marker="D", linestyle=":", alpha=0.6),
-        ("torch", "eager"): dict(color="#d62728", marker="x"),
-    }
-    for ax, dtype in zip(axes[0], dtypes):
-        step_rows = [r for r in rows if r["dtype"] == dtype and r["mode"] != "epoch"]
-        for key in dict.fromkeys((r["impl"], r["mode"]) for r in step_rows):
-            series = sorted((r["batch_size"], r["samples_per_s"]) for r in step_rows if (r["impl"], r["mode"]) == key)
-            ax.plot(
-                *zip(*series),
-                label=LABELS.get(key, f"{key[0]} {key[1]}"),
-                linewidth=1.8,
-                markersize=6,
-                **styles.get(key, {}),
-            )
-        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples / s", title=f"training step, {dtype}")
-        sizes = sorted({r["batch_size"] for r in step_rows})
-        ax.set_xticks(sizes, [str(b) for b in sizes])
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    step_rows = [r for r in rows if r["mode"] != "epoch" and not r["under_load"]]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in step_rows))
+    thread_counts = sorted({r["threads"] for r in step_rows})
+    styles = {LIMIT_KEY: LIMIT_STYLE, **{i.key: i.style for i in REGISTRY}}
+    fig, axes = plt.subplots(
+        len(thread_counts), len(dtypes), figsize=(6.5 * len(dtypes), 4.6 * len(thread_counts)), squeeze=False
+    )
+    for ax_row, threads in zip(axes, thread_counts):
+        for ax, dtype in zip(ax_row, dtypes):
+            here = [r for r in step_rows if r["dtype"] == dtype and r["threads"] == threads]
+            for key in dict.fromkeys((r["impl"], r["mode"]) for r in here):
+                series = sorted((r["batch_size"], r["samples_per_s"]) for r in here if (r["impl"], r["mode"]) == key)
+                ax.plot(*zip(*series), label=_label(key), linewidth=1.8, markersize=6, **styles.get(key, {}))
+            title = f"training step, {dtype}, {threads} thread{'s' if threads > 1 else ''}"
+            ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples / s", title=title)
+            sizes = sorted({r["batch_size"] for r in here})
+            ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#: Boolean options passed on to the workers.
+FLAGS = ("quick", "no_epoch", "under_load")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,83 +904,79 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a short run: float32, batch sizes 128 and 512, 3 short repeats, no reference trainers",
+        help="a short run: float32, batch size 128, one thread, 3 short repeats, no reference trainers",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.json and bench.png go")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help=f"default {list(BATCH_SIZES)}")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help=f"default {list(DTYPES)}")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=None, help=f"thread counts to run (default {list(THREADS)})"
+    )
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help=f"time B={LOADED_BATCH_SIZE} again while processes of the bench keep every core busy",
+    )
     parser.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch rows")
     parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
+    parser.add_argument("--worker-threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    size = "quick" if args.quick else "full"
-    batch_sizes = args.batch_sizes or ([128, 512] if args.quick else list(BATCH_SIZES))
-    dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
-    if any(b < 2 for b in batch_sizes):
-        build_parser().error("batch sizes must be at least 2 (batch norm)")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.batch_sizes = args.batch_sizes or ([LOADED_BATCH_SIZE] if args.quick else list(BATCH_SIZES))
+    args.dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
+    args.impls = list(dict.fromkeys(args.impls))
+    threads = list(dict.fromkeys(args.threads or ([1] if args.quick else THREADS)))
+    if any(b < 2 for b in args.batch_sizes):
+        parser.error("batch sizes must be at least 2 (batch norm)")
+    if any(t < 1 for t in threads):
+        parser.error("thread counts must be at least 1")
+    if args.under_load and LOADED_BATCH_SIZE not in args.batch_sizes:
+        parser.error(f"--under-load times batch size {LOADED_BATCH_SIZE}: include it in --batch-sizes")
     if args.out.exists() and not args.out.is_dir():
-        build_parser().error(f"--out {args.out} exists and is not a directory")
+        parser.error(f"--out {args.out} exists and is not a directory")
+    if args.worker_threads is not None:
+        return worker(args)
 
     from rich.console import Console
 
-    from compare.init import init_params, init_state
-    from compare.mnist import load_mnist
+    from compare.report import machine
 
     console = Console(width=None if Console().is_terminal else 120)
-    impls = list(dict.fromkeys(args.impls))
-    notes = []
-    if "torch" in impls:
-        ok, note = torch_available()
-        notes.append(note)
-        if not ok:
-            impls.remove("torch")
-    if "jax" in impls:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
-    env = environment()
     console.rule("[bold]vmap-batchnorm benchmark: one training step, samples/s")
-    console.print(
-        f"  {env['machine']['cpu']}, {env['machine']['cores']} cores; "
-        + ", ".join(f"{k}={v}" for k, v in env["env"].items())
-    )
-    for info in env.get("blas", []):
-        console.print(
-            f"  BLAS: {info['internal_api']} {info['version']}, {info['num_threads']} threads, "
-            f"{info['architecture']} kernels"
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "XLA_", "NUMBA_"))}
+    console.print(f"  {machine()['cpu']}, {os.cpu_count()} cores; " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    coretype_note = ""
+    if "OPENBLAS_CORETYPE" in os.environ:
+        coretype_note = (
+            f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set: OpenBLAS runs those kernels, not this "
+            f"CPU's own. For the native kernel: {NATIVE_KERNEL_COMMAND}"
         )
-    for note in notes:
-        console.print(f"  {note}")
-
-    train_x, train_y, _, _ = load_mnist()
-    rows = []
-    log = console.print
-    for dtype in dtypes:
-        setup = Setup(
-            dtype,
-            train_x.astype(dtype),
-            train_y,  # a writable copy, as compare/run.py uses
-            init_params(args.seed, dtype),
-            init_state(dtype),
-        )
-        rng = training.batch_rng(args.seed)
-        for batch_size in batch_sizes:
-            rows += bench_steps(setup, batch_size, size, impls, rng, log, reference=not args.quick)
-        if not args.no_epoch:
-            rows += bench_epoch(setup, impls, rng, 1 if args.quick else 3, log)
-
+        console.print(f"  [yellow]note[/]: {coretype_note}")
+    rows, notes = [], []
+    for count in threads:
+        worker_rows, worker_notes = run_worker(args, count, console)
+        rows += worker_rows
+        notes += [note for note in worker_notes if note not in notes]
     for table in tables(rows):
         console.print(table)
-    busy = [r for r in rows if r["other_cpu"] > BUSY_THRESHOLD]
+    for line in verdicts(rows):
+        console.print(f"  {line}")
+    for note in notes:
+        console.print(f"  {note}")
+    busy = [r for r in rows if r["other_cpu"] > BUSY_THRESHOLD and not r["under_load"]]
     if busy:
         console.print(
             f"[yellow]note[/]: {len(busy)} rows were timed while other processes used more than "
             f"{BUSY_THRESHOLD} cores (marked *): re-run on a quiet machine for this machine's speed"
         )
+    if coretype_note:
+        console.print(f"[yellow]note[/]: {coretype_note}")
     args.out.mkdir(parents=True, exist_ok=True)
     # bench.json: the implementations' rows (the limit is in every row's limit_samples_per_s)
     (args.out / "bench.json").write_text(json.dumps([r for r in rows if r["impl"] in IMPLS], indent=1) + "\n")

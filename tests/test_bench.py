@@ -1,36 +1,44 @@
-"""``compare/bench.py --quick``: it runs, and writes bench.json and bench.png of the promised form.
-No timing assertions (the numbers depend on the machine and on what else it is doing)."""
+"""``compare/bench.py --quick --under-load``: it runs, and writes bench.json and bench.png of the
+promised form. No timing assertions (the numbers depend on the machine and on what else it is
+doing); the structure, the keys and the behaviour (thread settings, the competing load) are checked."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from compare import bench
 
 REQUIRED_KEYS = {"impl", "dtype", "batch_size", "samples_per_s", "limit_samples_per_s"}
+NEW_KEYS = {"threads", "blas_kernel", "under_load", "blas_library", "blas_threads", "numba_threads", "xla_threads"}
 
 
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["--quick", "--out", str(out)]) == 0
-    return out
+    assert bench.main(["--quick", "--under-load", "--out", str(out)]) == 0
+    return out, json.loads((out / "bench.json").read_text())
 
 
 def test_quick_bench_writes_rows_for_every_implementation(quick_bench):
-    rows = json.loads((quick_bench / "bench.json").read_text())
+    _, rows = quick_bench
     assert isinstance(rows, list) and rows
     for row in rows:
-        assert set(row) >= REQUIRED_KEYS
+        assert set(row) >= REQUIRED_KEYS | NEW_KEYS | {"openblas_coretype_set"}
         assert row["impl"] in bench.IMPLS
         assert row["dtype"] in bench.DTYPES
         assert isinstance(row["batch_size"], int) and row["batch_size"] >= 2
         assert math.isfinite(row["samples_per_s"]) and row["samples_per_s"] > 0
         assert math.isfinite(row["limit_samples_per_s"]) and row["limit_samples_per_s"] > 0
+        assert row["threads"] == 1 and row["blas_threads"] == 1 and row["numba_threads"] == 1  # --quick: one
+        assert isinstance(row["blas_kernel"], str) and row["blas_kernel"]
+        assert row["openblas_coretype_set"] == ("OPENBLAS_CORETYPE" in os.environ)
     impls = {row["impl"] for row in rows}
     assert {"jax", "numpy", "numba"} <= impls
     try:
@@ -44,9 +52,70 @@ def test_quick_bench_writes_rows_for_every_implementation(quick_bench):
     assert all(row["batch_size"] == bench.EPOCH_BATCH_SIZE and row["epoch_seconds"] > 0 for row in epoch_rows)
 
 
+def test_under_load_rows_pair_with_the_idle_rows_of_the_same_run(quick_bench):
+    _, rows = quick_bench
+    loaded = [row for row in rows if row["under_load"]]
+    idle = {(r["impl"], r["mode"], r["dtype"], r["threads"]): r for r in rows if not r["under_load"]}
+    assert {(r["impl"], r["mode"]) for r in loaded} >= {("jax", "scan"), ("numba", "fast")}
+    for row in loaded:
+        assert row["batch_size"] == bench.LOADED_BATCH_SIZE
+        twin = idle[row["impl"], row["mode"], row["dtype"], row["threads"]]
+        assert row["slowdown"] == pytest.approx(twin["samples_per_s"] / row["samples_per_s"])
+        assert row["other_cpu"] > 0.5  # the competing processes did run while it was timed
+
+
 def test_quick_bench_writes_a_plot(quick_bench):
-    png = (quick_bench / "bench.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    out, rows = quick_bench
+    image = plt.imread(out / "bench.png")
+    grid = (len({r["threads"] for r in rows}), len({r["dtype"] for r in rows}))
+    assert image.shape[:2] == (round(4.6 * 110 * grid[0]), round(6.5 * 110 * grid[1]))
+    assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 20  # lines, not a blank canvas
+
+
+def test_competing_load_spins_and_is_ended_by_pid():
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    with bench.competing_load(2, seconds=60) as pids:
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        with bench.CpuLoad() as load:
+            time.sleep(0.3)
+        assert load.other > 1.0  # two spinning processes use more than one core between them
+    assert not any(alive(pid) for pid in pids)
+    with pytest.raises(KeyboardInterrupt), bench.competing_load(1, seconds=60) as pids:
+        raise KeyboardInterrupt
+    assert not alive(pids[0])
+
+
+def test_workers_hold_every_library_to_the_thread_count(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
+    env = bench.worker_environment(1)
+    assert env["OPENBLAS_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "1"
+    assert env["VMAP_BN_THREADS"] == "1"
+    assert "--xla_dump_to=/nowhere" in env["XLA_FLAGS"] and "intra_op_parallelism_threads=1" in env["XLA_FLAGS"]
+    assert env["OPENBLAS_CORETYPE"] == "Haswell"  # the environment's own settings are left alone
+    assert "intra_op_parallelism_threads=2" in bench.worker_environment(2)["XLA_FLAGS"]
+
+
+def test_registry_of_rows():
+    keys = [implementation.key for implementation in bench.REGISTRY]
+    assert len(keys) == len(set(keys))
+    with pytest.raises(ValueError, match="registered already"):
+        bench.register(bench.REGISTRY[0])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        bench.register(bench.Implementation("tensorflow", "eager", "TF", lambda s, b, t: None))
+    quick = {i.key for i in bench.selected(bench.IMPLS, quick=True, threads=1)}
+    full_two = {i.key for i in bench.selected(bench.IMPLS, quick=False, threads=2)}
+    assert ("numba", "reference") not in quick and ("numba", "reference") in full_two
+    assert ("numba", "fast-own-threads") in full_two - {
+        i.key for i in bench.selected(bench.IMPLS, quick=False, threads=1)
+    }
+    assert {i.impl for i in bench.selected(bench.IMPLS, quick=True, threads=1, epoch=True)} == set(bench.IMPLS)
 
 
 def test_limit_counts_the_steps_matrix_products():
@@ -71,8 +140,12 @@ def test_interleaved_measurement_pairs_each_round_with_the_limit():
 
 
 def test_bad_arguments_exit_2(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--batch-sizes", "1"])
-    assert exit_info.value.code == 2
-    with pytest.raises(SystemExit):
-        bench.main(["--impls", "tensorflow"])
+    for argv in (
+        ["--batch-sizes", "1"],
+        ["--impls", "tensorflow"],
+        ["--threads", "0"],
+        ["--under-load", "--batch-sizes", "64"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
