@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,12 +47,12 @@ LOADED_BATCH_SIZE = 128
 #: Learning rate of the timed steps: small and constant, the values stay sane over many repeats.
 BENCH_LR = 0.01
 #: Every timed repeat covers about this many samples (``--quick``: fewer), at least 3 steps.
-SAMPLES_PER_REPEAT = {"full": 40_000, "quick": 4_000, "loaded": 10_000}
+SAMPLES_PER_REPEAT = {"full": 20_000, "quick": 4_000, "loaded": 10_000}
 REPEATS = {"full": 5, "quick": 3, "loaded": 3}
 #: A row is flagged when other processes used more than this many cores while it was timed.
 BUSY_THRESHOLD = 0.1
 #: The competing processes of ``--under-load`` end themselves after this long at the latest.
-LOAD_SECONDS_BOUND = 900
+LOAD_SECONDS_BOUND = 600
 #: The command that runs the bench on this CPU's own OpenBLAS kernels where the environment pins them.
 NATIVE_KERNEL_COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE vmap-bn-bench"
 
@@ -696,6 +697,7 @@ def worker(args) -> int:
     from compare.init import init_params, init_state
     from compare.mnist import load_mnist
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwinds: the load is ended
     threads, size = args.worker_threads, "quick" if args.quick else "full"
     impls = list(args.impls)
     notes = []
@@ -742,9 +744,13 @@ def run_worker(args, threads: int, console) -> tuple[list[dict], list[str]]:
         try:
             code = process.wait()
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            if process.poll() is None:  # interrupted: the worker ends its competing load on SIGTERM
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         if code != 0:
             raise RuntimeError(f"the {threads}-thread bench worker failed (exit status {code})")
         result = json.loads(out.read_text())

@@ -1,38 +1,17 @@
-"""``exp(x)`` for ``x <= 0`` as plain arithmetic, so that numba vectorises it inside a kernel's loop.
+r"""``exp(x)`` for ``x <= 0`` as plain arithmetic, so that numba vectorises it inside a kernel's loop.
 
-The sigmoid needs ``e = exp(-|x|)`` for every activation, and numba's own ``np.exp`` on a scalar is
-a call into the C library per element: it stops the loop from vectorising (numba has no SIMD
-``exp`` without Intel's SVML). :func:`exp_nonpositive` uses only ``+ - *``, a comparison and a
-reinterpretation of integer bits as a float, all of which LLVM turns into AVX2/AVX-512 code, so
-the sigmoid fuses into the loop that produces its input (``numpyside.fused``) instead of taking
-two more passes over memory around NumPy's ``exp``.
+numba's ``np.exp`` on a scalar is a C-library call per element, which stops a loop from
+vectorising; :func:`exp_nonpositive` uses only ``+ - *``, a comparison and a reinterpretation of
+integer bits as a float, so the sigmoid fuses into the loop that produces its input
+(:mod:`numpyside.fused`). The method is the classic argument reduction (Cody & Waite; Muller,
+*Elementary Functions*):
 
-The math (the classic argument reduction, e.g. Cody & Waite; Muller, *Elementary Functions*):
+    x = n ln 2 + r,   n = round(x / ln 2),   |r| <= ln(2) / 2,   exp(x) = 2**n * exp(r)
 
-    x = n ln 2 + r,   n = round(x / ln 2),   |r| <= ln(2) / 2
-    exp(x) = 2**n * exp(r),   exp(r) = 1 + r + r**2 (1/2! + r/3! + ... + r**(d-2)/d!)
-
-* ``n`` is rounded to nearest by adding and subtracting ``1.5 * 2**(p-1)`` (p = 24 or 53 bits).
-* ``r = (x - n * LN2_HI) - n * LN2_LO``: ``LN2_HI`` holds the leading bits of ln 2 only (9 bits
-  in float32, 32 in float64), so ``n * LN2_HI`` and the subtraction are exact, and ``LN2_LO``
-  carries the rest of ln 2.
-* ``exp(r)`` is its Taylor polynomial, degree 7 in float32 and 13 in float64: the first omitted
-  term, ``(ln(2)/2)**(d+1) / (d+1)!``, is 5e-9 and 4e-18, below half an ulp of the result (6e-8
-  and 1.1e-16). It is evaluated as ``1 + (r + r*r*q)`` with ``q`` by Horner, which keeps the
-  rounding of the small terms away from the leading 1.
-* ``2**n`` is built from its bits (exponent field ``n + bias``). To reach results below the
-  smallest normal number without overflowing the exponent field, it is applied as two factors
-  ``2**(n//2) * 2**(n - n//2)``: both are normal numbers, the first product is exact, and the
-  second rounds once, into the subnormal range where the result lies there.
-* ``x`` is clamped from below at a point where ``exp(x)`` rounds to 0 (-104 in float32, -746 in
-  float64), so that ``-inf`` gives 0; NaN gives NaN; ``x = 0`` gives exactly 1.
-
-Accuracy, measured against NumPy's ``np.exp`` (itself within 1 ulp of the true value) over 3.1
-million x <= 0 per dtype (normal and uniform samples down to -800, tiny |x|, and the edge
-cases), in units in the last place of the result: float32 at most 2 ulp (71 % of the results
-identical), float64 at most 1 ulp (89 % identical). ``tests/test_fastexp.py`` re-measures it.
-Only ``x <= 0`` is supported: the clamp does not guard against overflow, and the callers never
-pass a positive argument (the sigmoid passes ``-|x|``).
+with ``exp(r)`` a Taylor polynomial (details at :func:`_exp_nonpositive`). It is IEEE arithmetic
+only (no FMA, no library call), so it gives the same bits on every machine: at most
+:data:`MAX_ULP` from the correctly rounded ``exp`` (``tests/test_fastexp.py``; measurements in
+``docs/performance.md``). Only ``x <= 0`` is supported: the callers pass ``-|x|``.
 """
 
 from __future__ import annotations
@@ -44,8 +23,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-#: The largest error measured against ``np.exp``, in ulp (see the module docstring).
-MAX_ULP = {np.dtype(np.float32): 2, np.dtype(np.float64): 1}
+#: Bound on the distance to the correctly rounded ``exp(x)``, in units in the last place.
+MAX_ULP = {np.dtype(np.float32): 1, np.dtype(np.float64): 1}
 
 
 @intrinsic
@@ -110,6 +89,22 @@ _FLOAT64 = _constants(
 
 @overload(exp_nonpositive, jit_options={"fastmath": False, "error_model": "numpy"})
 def _exp_nonpositive(x):
+    r"""The numba implementation of :func:`exp_nonpositive`, per dtype.
+
+    * ``n`` is rounded to nearest by adding and subtracting ``1.5 * 2**(p-1)`` (p = 24 or 53 bits).
+    * ``r = (x - n * LN2_HI) - n * LN2_LO``: ``LN2_HI`` holds the leading bits of ln 2 only (9 bits
+      in float32, 32 in float64), so ``n * LN2_HI`` and the subtraction are exact, and ``LN2_LO``
+      carries the rest of ln 2.
+    * ``exp(r) = 1 + r + r**2 (1/2! + r/3! + ... + r**(d-2)/d!)``, degree ``d`` 7 in float32 and
+      13 in float64: the first omitted term, ``(ln(2)/2)**(d+1) / (d+1)!``, is 5e-9 and 4e-18,
+      below half an ulp of the result (6e-8 and 1.1e-16). Evaluated as ``1 + (r + r*r*q)`` with
+      ``q`` by Horner, which keeps the rounding of the small terms away from the leading 1.
+    * ``2**n`` is built from its bits (exponent field ``n + bias``), applied as two factors
+      ``2**(n//2) * 2**(n - n//2)``: both are normal numbers, the first product is exact, and the
+      second rounds once, into the subnormal range where the result lies there.
+    * ``x`` is clamped from below where ``exp(x)`` rounds to 0 (-104 in float32, -746 in float64),
+      so that ``-inf`` gives 0; NaN gives NaN; ``x = 0`` gives exactly 1.
+    """
     if x == types.float32:
         k = _FLOAT32
     elif x == types.float64:

@@ -1,71 +1,15 @@
-"""numba kernels for the hot elementwise and reduction work of :mod:`numpyside.layers`.
+r"""numba kernels for the hot elementwise and reduction work of :mod:`numpyside.layers`.
 
-Called by the ``backend="numba"`` path of the layers (the matmuls stay on NumPy/BLAS). The layers
-validate the input and hand the kernels C-contiguous arrays of ONE floating dtype (float32 or
-float64), scalar constants already cast to that dtype, and labels as ``np.intp``, so each kernel is
-compiled exactly twice (once per dtype); ``cache=True`` keeps the machine code on disk.
-
-Conventions
------------
-* ``fastmath=False``: no reassociation, no FMA contraction, IEEE semantics; the results are
-  reproducible run to run. ``error_model="numpy"``: a division by zero gives inf/nan as in NumPy
-  instead of raising, which also lets LLVM vectorise the loops that divide.
-* Every kernel computes in the arrays' own dtype (float32 sums accumulate in float32), exactly
-  like NumPy, and uses the same sequence of operations as the NumPy path of the layers. Constants
-  come from ``x.dtype.type(...)`` so that no Python float literal promotes a float32 expression to
-  float64.
-* Reductions over the batch (axis 0 of a C-contiguous ``(B, n)`` array) run row by row with one
-  accumulator per feature: the inner loop walks a contiguous row and vectorises, and each feature's
-  sum is added in the order ``x[0] + x[1] + ... + x[B-1]``, which is the order NumPy's axis-0
-  reduction uses as well for n >= 2. (For n = 1 NumPy drops the unit axis and sums the column as a
-  contiguous 1-D array, pairwise from B = 8 on: there the two orders differ.)
-
-Agreement with the NumPy backend
---------------------------------
-Measured as the project's normwise ``max|numba - numpy| / max|numpy|`` (``compare.metrics``),
-checked by ``tests/test_layers.py`` against ``TOLERANCE`` below.
-
-* batch norm forward (all five cache arrays too), backward, eval, and the sigmoid backward use
-  only ``+ - * / sqrt`` (all correctly rounded) in NumPy's order: they agree BIT FOR BIT on this
-  machine (measured error 0 in float32 and float64 over 1200 random cases with n >= 3, and on a
-  grid of B from 2 to 5000 by n from 2 to 1000). With a single feature (n = 1) the batch sums ``mean``, ``dbeta``,
-  ``dgamma`` are added in another order (see above) and differ by the rounding error of a sum,
-  which is bounded relative to ``sum_b |term_b|``, not to ``|sum_b term_b|``: a sum that cancels
-  (``dgamma = sum_b dout_b x_hat_b`` often does) can have a large relative error. For these three
-  sums the tolerance below is therefore measured against ``max_j sum_b |term_bj|``. The forward's
-  other outputs inherit the mean's difference through ``centered = x - mean``, amplified by the
-  centering condition ``1 + |mean| / std``: at n = 1 their tolerance is scaled by it. Measured at
-  n = 1 (3000 cases per dtype, B in 2..300, spread 1e-3..1e2, offsets up to 3), in ulp after that
-  scaling: mean 6.4, var 6.2, out/centered/inv_std/x_hat <= 3.7, dx 2.2, dgamma 1.8, dbeta 1.5.
-* the sigmoid forward does NumPy's operations around its own ``exp``
-  (:func:`numpyside.fastexp.exp_nonpositive`, within 2 ulp in float32 and 1 ulp in float64 of
-  NumPy's ``exp``, see :func:`sigmoid`). Measured over 1200 random (B, n) up to (256, 100), inputs
-  scaled by 0.1..30: at most 4 ulp (float32) and 2 ulp (float64) apart elementwise, normwise
-  1.7 and 1.3 machine epsilons.
-* the cross-entropy calls the C library's ``expf/exp`` and ``logf/log`` where NumPy calls its SIMD
-  versions (they may differ in the last place), sums each row of ``exp`` sequentially where NumPy
-  sums pairwise (8 partial sums), and sums the batch's losses sequentially where NumPy's ``mean``
-  sums pairwise. Measured worst cases, in ulp (machine epsilon: 1.19e-7 in float32, 2.2e-16 in
-  float64), with random normal logits scaled by 1e-2..1e4 (the 1200-case row: by 0.1..10, shifted):
-
-  ================================  ===================  ===================
-  shape (B, C), cases per dtype     float32 loss/dlogit  float64 loss/dlogit
-  ================================  ===================  ===================
-  (128, 10), 200                    3.5 / 3             4 / 2
-  (1024, 10), 200                   14 / 3              9 / 3
-  (2..256, 3..100), 1200            6.3 / 7.5           5.2 / 9.5
-  (4096, 100), 200                  21 / 8.5            26 / 9
-  (64, 1000), 200                   3 / 25.5            2.6 / 22
-  ================================  ===================  ===================
-
-  The error grows with the number of summed terms (C for a row, B for the loss), as the rounding
-  error of a sum does.
-
-``TOLERANCE``: float32 ``1e-5`` (84 ulp), float64 ``2e-14`` (90 ulp): at least 3x above every
-measured case for B up to 4096 and C up to 1000, and 20x above the network's training shape
-(B = 128, C = 10). The bit-identical kernels are held to the same bound, not to 0: NumPy's
-reduction order and its choice of SIMD code path are implementation details that may differ on
-another machine.
+Called by the ``backend="numba"`` path of the layers (the matmuls stay on BLAS) with C-contiguous
+arrays of ONE float dtype, constants in that dtype and labels as ``np.intp``: each kernel compiles
+once per dtype (``cache=True``). ``fastmath=False`` (no reassociation, no FMA contraction);
+``error_model="numpy"`` (a division by zero gives inf/nan, and the dividing loops vectorise).
+Every kernel computes in the arrays' dtype and in the NumPy path's order of operations; a batch
+sum runs row by row, ``x[0] + x[1] + ... + x[B-1]`` per feature, which is NumPy's axis-0 order
+for ``n >= 2``. So batch norm and the sigmoid backward agree with the NumPy backend bit for bit;
+the sigmoid differs by its ``exp`` (:mod:`numpyside.fastexp`, a few ulp), the cross-entropy by the
+C library's ``exp``/``log`` and sequential sums (growing with B and C). :data:`TOLERANCE` bounds
+``max|numba - numpy| / max|numpy|``; the measurements behind it are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -75,7 +19,10 @@ import numpy as np
 
 from numpyside.fastexp import exp_nonpositive
 
-#: Stated bound on ``max|numba - numpy| / max|numpy|`` per dtype (see the module docstring).
+#: Stated bound on ``max|numba - numpy| / max|numpy|`` per dtype: float32 1e-5 (84 ulp), float64
+#: 2e-14 (90 ulp), at least 3x above every measured case for B up to 4096 and C up to 1000, 20x
+#: above the training shape (B = 128, C = 10); held for the bit-identical kernels too, since NumPy's
+#: reduction order and SIMD code path may differ on another machine (docs/performance.md).
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 2e-14}
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -182,10 +129,8 @@ def sigmoid(x):
     ``s = 1 / (1 + e)`` where ``x >= 0`` and ``s = e / (1 + e)`` where ``x < 0``.
 
     ``exp`` is :func:`numpyside.fastexp.exp_nonpositive`, arithmetic that vectorises with the rest
-    of the loop (numba's own ``np.exp`` is a scalar C-library call per element, without Intel's
-    SVML): 2.8 us for (128, 100) float32 against 4.6 us for NumPy's ``np.exp`` alone. It is within
-    2 ulp (float32) and 1 ulp (float64) of NumPy's ``exp``, so this is where the two backends'
-    sigmoids part: by at most a few ulp (see the module docstring).
+    of the loop (numba's own ``np.exp`` is a scalar C-library call per element). It is within a
+    few ulp of NumPy's ``exp``: this is where the two backends' sigmoids part.
     """
     one = x.dtype.type(1)
     out = np.empty_like(x)
@@ -213,9 +158,7 @@ def softmax_cross_entropy(logits, labels):
     ``log p_y = (z_y - m) - log s``; then ``dlogits = (e / s - onehot(y)) / B``.
     Returns ``(loss, dlogits)`` with ``loss = -(sum_b log p_{y_b}) / B``.
 
-    The ``exp`` here is the scalar C-library one (see :func:`sigmoid`): for the network's
-    C = 10 the fusion wins (10 us against NumPy's 28 us at B = 128, float32), for wide rows it does
-    not (47 us against 36 us at C = 100), since NumPy's ``exp`` is vectorised.
+    The ``exp`` here is the scalar C-library one (see :func:`sigmoid`).
     """
     dlogits = np.empty_like(logits)
     return softmax_cross_entropy_into(logits, labels, dlogits), dlogits
