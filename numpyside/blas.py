@@ -1,11 +1,9 @@
-"""NumPy's own BLAS ``gemm``, callable from numba code.
+r"""NumPy's own BLAS ``gemm``, callable from numba code.
 
-``np.matmul`` costs about 1.5 us of Python and ufunc overhead per call before BLAS starts; a
-training step of the network makes 11 products. :mod:`numpyside.fused` therefore calls
-``cblas_sgemm`` / ``cblas_dgemm`` of the very OpenBLAS library that NumPy loaded (same library,
-same threads, the same arguments NumPy's matmul passes for C-contiguous operands and their
-transposed views: so the results are bit-identical to ``np.matmul``) from inside its numba
-kernels, several products and kernels per call.
+:mod:`numpyside.fused` calls ``cblas_sgemm`` / ``cblas_dgemm`` of the very OpenBLAS library that
+NumPy loaded (same library, same threads, the same arguments NumPy's matmul passes for C-contiguous
+operands and their transposed views: results bit-identical to ``np.matmul``) from inside its numba
+kernels, so that a whole epoch is one call without Python's per-product overhead.
 
 The library is found next to NumPy (``numpy.libs`` / ``numpy/.dylibs``: the ``scipy-openblas``
 that NumPy >= 2 wheels ship, ILP64 with the symbol suffix ``64_``) and its functions are

@@ -1,25 +1,17 @@
-"""Fused numba kernels for :class:`numpyside.fast.FastTrainer`: one pass where the reference path
-(:mod:`numpyside.layers` with ``backend="numba"``) makes several, writing into buffers the caller
-preallocated, so that a training step allocates nothing.
+r"""Fused numba kernels for :class:`numpyside.fast.FastTrainer`: one pass where the reference path
+(:mod:`numpyside.layers` with ``backend="numba"``) makes several, into preallocated buffers.
 
 Every kernel performs, element by element, the SAME floating-point operations in the SAME order as
-the reference kernels of :mod:`numpyside.kernels` and the NumPy code around them in
-:mod:`numpyside.model`, :mod:`numpyside.layers` and :mod:`numpyside.train` (same conventions:
-``fastmath=False``, so no reassociation and no FMA contraction; constants in the arrays' dtype).
-What is fused is only the loop structure and the memory traffic, not the arithmetic: on this
-machine ``FastTrainer`` and the reference ``Trainer`` produce bit-identical parameters
-(``tests/test_fast.py``).
+the reference kernels of :mod:`numpyside.kernels` and the NumPy code around them (``fastmath=False``:
+no reassociation, no FMA contraction; constants in the arrays' dtype). Only the loops and the memory
+traffic are fused, not the arithmetic: ``FastTrainer`` and the reference ``Trainer`` give
+bit-identical parameters (``tests/test_fast.py``). The sigmoid's ``exp`` is
+:func:`numpyside.fastexp.exp_nonpositive`, which vectorises inside the loop.
 
-The sigmoid's ``exp`` is :func:`numpyside.fastexp.exp_nonpositive`, plain arithmetic that
-vectorises inside the loop that produces the sigmoid's input, as in the reference
-``kernels.sigmoid``: batch norm, the running statistics and the whole sigmoid are one kernel.
-
-Each kernel works on a range of its array, ``lo <= j < hi`` (features of batch norm, rows of the
-gather, elements of the SGD update; ``(0, n)`` for all of it): the parts of a range are
-independent (a feature's batch sums stay whole, in row order), so two threads can take one part
-each and the result does not change (:func:`train_steps_threaded`).
-
-Shapes: ``B`` = batch, ``n`` = features; all arrays C-contiguous, one float dtype per call.
+Each kernel works on a range ``lo <= j < hi`` of its array (features of batch norm, rows of the
+gather, elements of SGD); the parts of a range are independent (a feature's batch sums stay whole,
+in row order), so threads can take one part each without changing the result
+(:func:`train_steps_threaded`). Shapes: ``B`` batch, ``n`` features; arrays C-contiguous.
 """
 
 from __future__ import annotations
