@@ -3,8 +3,8 @@
 
     vmap-bn-bench [--quick] [--threads 1 2] [--under-load] [--out DIR] [--batch-sizes ...] [--dtypes ...]
 
-Each thread count runs in a process of its own, with OpenBLAS, numba, XLA's intra-op pool and
-PyTorch held to that many threads (XLA reads its setting at start only). There, per dtype and
+Each thread count runs in a process of its own, on that many cores (CPU affinity), with OpenBLAS,
+numba, XLA's intra-op pool and PyTorch held to that many threads. There, per dtype and
 batch size, the rows of :data:`REGISTRY` and the limit are timed round-robin
 (:func:`measure_interleaved`): a row's ``fraction_of_limit`` is the median over the rounds of
 ``t(limit) / t(row)`` in the same round. ``--under-load`` times batch 128 again while processes of
@@ -156,7 +156,14 @@ def competing_load(processes: int, seconds: float = LOAD_SECONDS_BOUND):
     """Inside: ``processes`` Python processes spin (``while True``), competing for the cores as a
     user's other work does. Each ends itself after ``seconds``; on leaving the block (normally, by
     an exception or Ctrl-C) they are killed by PID and reaped. Yields their PIDs."""
-    spin = f"import time\nend = time.monotonic() + {float(seconds)}\nwhile time.monotonic() < end:\n    pass\n"
+    spin = (
+        "import os, time\n"
+        "if hasattr(os, 'sched_setaffinity'):\n"
+        "    os.sched_setaffinity(0, range(os.cpu_count()))  # every core, whatever the bench's own affinity\n"
+        f"end = time.monotonic() + {float(seconds)}\n"
+        "while time.monotonic() < end:\n"
+        "    pass\n"
+    )
     spinners = []
     try:
         for _ in range(processes):
@@ -663,6 +670,20 @@ def worker_environment(threads: int) -> dict:
     return env
 
 
+def hold_to_cores(threads: int) -> list[int]:
+    """Let this process (and the threads it starts from now on) run on ``threads`` cores only:
+    XLA's CPU client starts a pool of threads whatever ``XLA_FLAGS`` say (measured with jax 0.10:
+    two busy threads with ``intra_op_parallelism_threads=1``), so its thread setting alone does
+    not hold JAX to one core. Returns the cores (all of them where affinity is not supported)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return list(range(os.cpu_count() or 1))
+    cores = sorted(os.sched_getaffinity(0))
+    if threads < len(cores):
+        cores = cores[-threads:]  # the last ones: the first core takes more of the system's interrupts
+        os.sched_setaffinity(0, cores)
+    return cores
+
+
 def numpy_blas_info() -> dict:
     """NumPy's BLAS as ``threadpoolctl`` describes it (library, version, threads, kernel)."""
     import threadpoolctl
@@ -687,6 +708,7 @@ def thread_settings(threads: int) -> dict:
         "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "xla_threads": threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "openblas_coretype_set": coretype is not None,
         "openblas_coretype": coretype,
     }
@@ -699,6 +721,7 @@ def worker(args) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwinds: the load is ended
     threads, size = args.worker_threads, "quick" if args.quick else "full"
+    hold_to_cores(threads)
     impls = list(args.impls)
     notes = []
     for implementation in selected(impls, quick=args.quick, threads=threads):

@@ -37,6 +37,7 @@ def test_quick_bench_writes_rows_for_every_implementation(quick_bench):
         assert math.isfinite(row["samples_per_s"]) and row["samples_per_s"] > 0
         assert math.isfinite(row["limit_samples_per_s"]) and row["limit_samples_per_s"] > 0
         assert row["threads"] == 1 and row["blas_threads"] == 1 and row["numba_threads"] == 1  # --quick: one
+        assert row["cores"] is None or len(row["cores"]) == 1  # the worker runs on one core
         assert isinstance(row["blas_kernel"], str) and row["blas_kernel"]
         assert row["openblas_coretype_set"] == ("OPENBLAS_CORETYPE" in os.environ)
     impls = {row["impl"] for row in rows}
