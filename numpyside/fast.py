@@ -23,7 +23,7 @@ import numpy as np
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
 from numpyside import blas, fused, threads
-from numpyside.model import DEFAULT_BACKEND, _check_backend, forward
+from numpyside.model import DEFAULT_BACKEND, forward
 from numpyside.train import Trainer
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.
@@ -113,7 +113,7 @@ class FastTrainer:
     fused kernels. One ``epoch()`` per call."""
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
-        _check_backend(backend)
+        contract.check_backend(backend)
         batch_norm, dtype, self.images, self.labels = contract.check_training_set(
             params, state, train_images, train_labels
         )
@@ -171,21 +171,12 @@ class FastTrainer:
     def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
         """Train on the given batches (``(steps, batch)`` indices) with one learning rate per step;
         return the per-step losses."""
-        batch_indices = np.asarray(batch_indices)
-        if batch_indices.ndim != 2 or not np.issubdtype(batch_indices.dtype, np.integer):
-            raise InputError(
-                f"batch_indices must be a 2-D integer array (steps, batch), got "
-                f"{batch_indices.dtype} of shape {batch_indices.shape}"
-            )
-        steps, batch_size = batch_indices.shape
-        rates = np.asarray(learning_rates, self.dtype)
-        if rates.shape != (steps,):
-            raise InputError(f"learning_rates must have shape ({steps},), got {rates.shape}")
-        if steps == 0:
+        batch_indices, rates = contract.check_epoch_plan(
+            batch_indices, learning_rates, len(self.images), self.batch_norm, self.dtype
+        )
+        if len(batch_indices) == 0:
             return np.empty(0, self.dtype)
-        self._check_batch_size(batch_size)
-        if batch_indices.min() < 0 or batch_indices.max() >= len(self.images):
-            raise InputError(f"batch_indices must lie in 0..{len(self.images) - 1}")
+        self._check_batch_size(batch_indices.shape[1])
         return self._run(batch_indices, rates)
 
     def predict(self, images: np.ndarray) -> np.ndarray:

@@ -257,9 +257,9 @@ def test_same_interface_as_the_reference_trainer():
     [
         (np.array([[0, 1], [2, N_TRAIN]]), np.ones(2), r"batch_indices must lie in 0\.\."),
         (np.array([[0, -1]]), np.ones(1), r"batch_indices must lie in 0\.\."),
-        (np.array([0, 1, 2]), np.ones(1), "2-D integer array"),
-        (np.array([[0.0, 1.0]]), np.ones(1), "2-D integer array"),
-        (np.array([[0, 1], [2, 3]]), np.ones(3), r"learning_rates must have shape \(2,\)"),
+        (np.array([0, 1, 2]), np.ones(1), r"\(steps, batch\) integer array"),
+        (np.array([[0.0, 1.0]]), np.ones(1), r"\(steps, batch\) integer array"),
+        (np.array([[0, 1], [2, 3]]), np.ones(3), r"one rate per step, shape \(2,\)"),
         (np.array([[0], [1]]), np.ones(2), "at least 2 examples"),
     ],
 )
