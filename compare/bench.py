@@ -49,6 +49,9 @@ BENCH_LR = 0.01
 #: Every timed repeat covers about this many samples (``--quick``: fewer), at least 3 steps.
 SAMPLES_PER_REPEAT = {"full": 20_000, "quick": 4_000, "loaded": 10_000}
 REPEATS = {"full": 5, "quick": 3, "loaded": 3}
+MIN_REPEATS = 3
+#: Seconds the rounds at one batch size should take at most (fewer rounds, not fewer steps).
+ROUNDS_BUDGET = 90.0
 #: A row is flagged when other processes used more than this many cores while it was timed.
 BUSY_THRESHOLD = 0.1
 #: The competing processes of ``--under-load`` end themselves after this long at the latest.
@@ -106,7 +109,7 @@ class Timing:
 
 
 def measure_interleaved(
-    runs: dict, steps: int, repeats: int, limit_key=None, warmup: int = 1, settle: int = 1
+    runs: dict, steps: int, repeats: int, limit_key=None, warmup: int = 1, settle: int = 1, budget: float | None = None
 ) -> dict[str, Timing]:
     """Median per-step times of several ``run()`` callables (each performs ``steps`` steps),
     timed round-robin: ``repeats`` rounds, each timing every callable once, right after
@@ -118,11 +121,17 @@ def measure_interleaved(
     The settling calls matter too: the first run after switching from one library to another is
     slower (measured: a JAX epoch right after NumPy's OpenBLAS ran 10-25 % slower than the next
     one). With ``limit_key``, every callable's ``fraction_of_limit`` is the median over the rounds
-    of ``t(limit) / t(callable)`` measured in the same round.
+    of ``t(limit) / t(callable)`` measured in the same round. With a ``budget`` (seconds), fewer
+    rounds (at least :data:`MIN_REPEATS`) where the warm-up says ``repeats`` would take longer: a
+    machine whose other processes make some rows ten times slower still ends the bench.
     """
+    start = time.perf_counter()
     for run in runs.values():
         for _ in range(warmup):
             run()
+    if budget is not None and warmup:
+        per_round = (time.perf_counter() - start) / warmup * (1 + settle)
+        repeats = max(min(repeats, MIN_REPEATS), min(repeats, int(budget / per_round)))
     times = {key: [] for key in runs}
     others = {key: [] for key in runs}
     cores = {key: [] for key in runs}
@@ -579,7 +588,8 @@ def bench_batch_size(setup: Setup, batch_size: int, size: str, impls, rng, log, 
     runs = {LIMIT_KEY: blas_runner(batch_size, dtype, steps)}
     for implementation in selected(impls, quick=size == "quick", threads=threads):
         runs[implementation.key] = implementation.make(setup, batches, threads)
-    rows = _rows(measure_interleaved(runs, steps, REPEATS[size], limit_key=LIMIT_KEY), setup, batch_size, settings)
+    timings = measure_interleaved(runs, steps, REPEATS[size], limit_key=LIMIT_KEY, budget=ROUNDS_BUDGET)
+    rows = _rows(timings, setup, batch_size, settings)
     if under_load and batch_size == LOADED_BATCH_SIZE:
         loaded_steps = min(steps, max(3, round(SAMPLES_PER_REPEAT["loaded"] / batch_size)))
         if loaded_steps < steps:  # a shorter timing: every row made again for fewer steps

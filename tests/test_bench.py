@@ -150,3 +150,13 @@ def test_bad_arguments_exit_2(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2
+
+
+def test_a_budget_cuts_rounds_not_below_the_minimum():
+    def slow():
+        time.sleep(0.02)
+
+    timings = bench.measure_interleaved({"limit": slow, "a": slow}, steps=1, repeats=9, limit_key="limit", budget=0.1)
+    assert timings["a"].repeats == bench.MIN_REPEATS  # 9 rounds of 2 x 2 x 20 ms would take 0.72 s
+    timings = bench.measure_interleaved({"limit": slow}, steps=1, repeats=4, limit_key="limit", budget=100)
+    assert timings["limit"].repeats == 4
