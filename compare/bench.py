@@ -51,7 +51,7 @@ SAMPLES_PER_REPEAT = {"full": 20_000, "quick": 4_000, "loaded": 10_000}
 REPEATS = {"full": 5, "quick": 3, "loaded": 3}
 MIN_REPEATS = 3
 #: Seconds the rounds at one batch size should take at most (fewer rounds, not fewer steps).
-ROUNDS_BUDGET = 90.0
+ROUNDS_BUDGET = 60.0
 #: A row is flagged when other processes used more than this many cores while it was timed.
 BUSY_THRESHOLD = 0.1
 #: The competing processes of ``--under-load`` end themselves after this long at the latest.
