@@ -619,6 +619,7 @@ def _runner(key, setup, batches, threads):
 
 
 def _rows(timings, setup, batch_size, settings, under_load=False):
+    settings = {**settings, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     limit_timing = timings[LIMIT_KEY]
     limit = batch_size / limit_timing.seconds_per_step
     gflops = step_flops(batch_size) / limit_timing.seconds_per_step / 1e9
