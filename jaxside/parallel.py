@@ -22,6 +22,7 @@ import operator
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -116,30 +117,36 @@ def to_host(tree):
 # ----------------------------------------------------------------------------------------------
 
 
-def local_loss_and_grads(params, state, images, labels, n_total: int, *, sync_batch_norm: bool):
+def local_loss(params, state, images, labels, n_total: int, *, sync_batch_norm: bool):
     r"""On one device: its share of the loss, :math:`-\frac1B \sum_{b \in \text{local}} \log p_b[y_b]`,
-    the gradient of that share (through batch norm's collectives, which reach the other devices
-    when synchronised), and the running statistics from this device's view."""
+    and the new running statistics from this device's view. Batch norm's collectives reach the
+    other devices when synchronised."""
     axes = SYNC_AXES if sync_batch_norm else BATCH_AXIS
 
-    def share(params):
-        def one_example(image_vector):
-            return forward_pass(params, state, image_vector, train=True, axis_name=axes)
+    def one_example(image_vector):
+        return forward_pass(params, state, image_vector, train=True, axis_name=axes)
 
-        logits, new_state = jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
-        picked = jax.vmap(operator.getitem)(jax.nn.log_softmax(logits, axis=-1), labels)
-        return -picked.sum() / n_total, new_state
+    logits, new_state = jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
+    picked = jax.vmap(operator.getitem)(jax.nn.log_softmax(logits, axis=-1), labels)
+    return -picked.sum() / n_total, new_state
 
-    (loss, new_state), grads = jax.value_and_grad(share, has_aux=True)(params)
+
+def local_loss_and_grads(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, dloss=1.0):
+    """:func:`local_loss`, and the gradient of this device's share (times the cotangent ``dloss``;
+    ``jax.vjp`` with ``dloss = 1`` is ``jax.grad``, and a traced ``dloss`` marks the backward in a jaxpr)."""
+    loss, pullback, new_state = jax.vjp(
+        lambda p: local_loss(p, state, images, labels, n_total, sync_batch_norm=sync_batch_norm), params, has_aux=True
+    )
+    (grads,) = pullback(jnp.asarray(dloss, loss.dtype))
     return loss, grads, new_state
 
 
-def device_step(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, reduce: bool = True):
+def device_step(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, reduce: bool = True, dloss=1.0):
     """:func:`local_loss_and_grads`, then the reduction over ``"device"``: loss and gradients summed
     (``psum``); per-device running statistics averaged (``pmean``; synchronised ones are already
     equal). ``reduce=False`` leaves the gradients unreduced (for the test that catches it)."""
     loss, grads, new_state = local_loss_and_grads(
-        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm
+        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm, dloss=dloss
     )
     loss = jax.lax.psum(loss, DEVICE_AXIS)
     if reduce:
