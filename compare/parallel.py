@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,7 @@ def launch(args) -> int:
     common = _without(args.argv, {"--processes", "--devices", "--devices-per-process"})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     print(f"launching {args.processes} processes x {args.devices} devices, coordinator on {address}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` below ends the children
     with tempfile.TemporaryDirectory(prefix="vmap-bn-parallel-") as folder:
         logs = [Path(folder, f"process{i}.log") for i in range(args.processes)]
         children = []
@@ -172,8 +174,6 @@ def launch(args) -> int:
         finally:
             for child in children:
                 launcher.end_process(child)
-        if args.throughput:
-            return 0
     return 0
 
 
