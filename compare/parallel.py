@@ -44,6 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: grow like the JAX-vs-NumPy drift of compare/run.py (same tolerances, same reasons).
 STEP0_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 DRIFT_TOLERANCE = run.DRIFT_TOLERANCE
+#: (processes, devices per process) of the scaling table.
+SCALING_CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--no-sync-batch-norm", action="store_true", help="per-device batch statistics")
     group.add_argument("--throughput", action="store_true", help="only time the sharded epochs (JSON on stdout)")
+    group.add_argument(
+        "--scaling",
+        action="store_true",
+        help="samples/s against processes and devices: --throughput for each (P, D) in "
+        + " ".join(f"({p}, {d})" for p, d in SCALING_CONFIGS)
+        + "; the table is printed and written to OUT/scaling.json",
+    )
     return parser
 
 
@@ -113,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.scaling:
+            return print_scaling(args)
         if args.coordinator is None and args.processes > 1:
             return launch(args)
         return run_process(args)
@@ -491,7 +502,7 @@ def throughput(args, mesh, data) -> dict:
     return result
 
 
-def scaling_rows(configs=((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)), extra=(), timeout=600.0) -> list[dict]:
+def scaling_rows(configs=SCALING_CONFIGS, extra=(), timeout=600.0) -> list[dict]:
     """Samples/s of the sharded trainer for each ``(processes, devices per process)``, each in fresh
     processes (the device count is fixed when JAX starts). ``extra`` are more run options."""
     rows = []
@@ -504,6 +515,28 @@ def scaling_rows(configs=((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)), extra=(), tim
             raise launcher.RunFailed(f"{' '.join(command[1:])} failed:\n{out.stderr[-2000:]}")
         rows.append({**json.loads(lines[-1]), "devices_per_process": devices})
     return rows
+
+
+def print_scaling(args) -> int:
+    """Run :func:`scaling_rows` with this command's run options; print and save the table."""
+    extra = _without(args.argv, {"--scaling", "--processes", "--devices", "--devices-per-process", "--out"})
+    rows = scaling_rows(extra=extra, timeout=args.timeout)
+    table = Table(title=f"Data-parallel samples/s on this machine ({os.cpu_count()} cores), batch {args.batch_size}")
+    for name in ("processes", "devices/process", "devices", "sharded samples/s", "one-device Trainer samples/s"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        single = r.get("single_device_samples_per_s")
+        table.add_row(
+            str(r["processes"]),
+            str(r["devices_per_process"]),
+            str(r["devices"]),
+            f"{r['sharded_samples_per_s']:,.0f}",
+            "" if single is None else f"{single:,.0f}",
+        )
+    Console().print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
