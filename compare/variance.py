@@ -6,7 +6,8 @@ Features with ``|mean| / std = ratio``. Two passes (what both sides do, synchron
 ``mu = sum(x) / N``, then ``var = sum((x - mu)^2) / N``; one pass (Flax/Haiku's sync BN):
 ``var = E[x^2] - E[x]^2``, which subtracts two numbers of size ``mean^2`` to get one of size
 ``std^2``, losing ``log10(ratio^2)`` digits. Both are computed over ``D`` shards with
-all-reduced partial sums (:mod:`numpyside.parallel`'s scheme) and against a float64 reference.
+all-reduced partial sums (:mod:`numpyside.parallel`'s scheme), and the JAX side's own
+``batchnorm_train`` (pmean, two passes) on the whole batch, against a float64 reference.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ def one_pass_variance(shards: list[np.ndarray]) -> np.ndarray:
     return mean_of_squares - mean * mean
 
 
+def jax_variance(x: np.ndarray) -> np.ndarray:
+    """The biased batch variance that ``jaxside.layers.batchnorm_train`` computes (pmean, two passes)."""
+    import jax
+
+    from jaxside.layers import BATCH_AXIS, batchnorm_train
+
+    ones = np.ones(x.shape[1], x.dtype)
+
+    def one_example(row):
+        return batchnorm_train(row, ones, 0 * ones, axis_name=BATCH_AXIS)[1][1]
+
+    return np.asarray(jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=None)(x))
+
+
 def measure(ratio: float = 1e4, batch: int = 256, devices: int = 4) -> dict[str, float]:
     """Max relative error of each float32 variance against the float64 two-pass one, and how many
     features came out negative (a negative variance makes ``1/sqrt(var + eps)`` NaN for ``var < -eps``)."""
@@ -42,7 +57,12 @@ def measure(ratio: float = 1e4, batch: int = 256, devices: int = 4) -> dict[str,
     exact = x.astype(np.float64).var(axis=0)
     shards = np.split(x, devices)
     result = {}
-    for name, variance in (("two_pass", two_pass_variance(shards)), ("one_pass", one_pass_variance(shards))):
+    variances = {
+        "two_pass": two_pass_variance(shards),
+        "one_pass": one_pass_variance(shards),
+        "jax_batchnorm_train": jax_variance(x),
+    }
+    for name, variance in variances.items():
         result[f"{name}_max_rel_err"] = float(np.max(np.abs(variance - exact) / exact))
         result[f"{name}_negative"] = int(np.sum(variance < 0))
     return result
@@ -56,9 +76,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = measure(args.ratio, args.batch, args.devices)
     print(f"float32, |mean|/std = {args.ratio:g}, batch {args.batch} over {args.devices} shards, 100 features:")
-    for name in ("two_pass", "one_pass"):
+    for name in ("two_pass", "one_pass", "jax_batchnorm_train"):
         print(
-            f"  {name.replace('_', '-'):>8}: max relative error {result[f'{name}_max_rel_err']:.2e}, "
+            f"  {name.replace('_', ' '):>19}: max relative error {result[f'{name}_max_rel_err']:.2e}, "
             f"negative variances {result[f'{name}_negative']}"
         )
     return 0
