@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXACT = 1e-12
 #: The NumPy mirror sums in another order than XLA (BLAS, NumPy's pairwise sums): a few hundred ulps.
 ACROSS_SIDES = 1e-10
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}  # so that the test can read a worker's log as it goes
 
 
 def _run(command, timeout, **kwargs) -> subprocess.CompletedProcess:
@@ -176,9 +177,11 @@ def test_a_dying_process_ends_the_run(tmp_path):
     try:
         for i in range(2):
             with open(logs[i], "w") as log:
-                processes.append(subprocess.Popen(_worker(port, i, *extra), cwd=ROOT, stdout=log, stderr=log))
+                processes.append(
+                    subprocess.Popen(_worker(port, i, *extra), cwd=ROOT, stdout=log, stderr=log, env=UNBUFFERED)
+                )
         deadline = time.monotonic() + 180
-        while "Training trajectory" not in logs[0].read_text() and "Step 0" not in logs[0].read_text():
+        while "data-parallel" not in logs[0].read_text():  # printed once the job has started
             assert time.monotonic() < deadline, logs[0].read_text()[-2000:]
             assert processes[0].poll() is None, logs[0].read_text()[-2000:]
             time.sleep(0.2)
