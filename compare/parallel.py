@@ -230,10 +230,26 @@ def start_jax(args):
     per_process = {}
     for device in jax.devices():
         per_process.setdefault(device.process_index, []).append(device)
+    counts = {process: len(devices) for process, devices in per_process.items()}
+    if len(set(counts.values())) > 1:
+        raise InputError(f"the processes have different numbers of devices ({counts}): give each the same --devices")
+    if args.coordinator is not None:
+        from jax.experimental import multihost_utils
+
+        options = [args.devices, args.batch_size, args.epochs, args.seed, args.quick, args.dtype == "float64"]
+        options += [args.no_sync_batch_norm]
+        try:
+            multihost_utils.assert_equal(np.array(options, np.int64), "")
+        except AssertionError as error:
+            raise InputError(
+                "the processes of this job were started with different options (devices per process, batch size, "
+                "epochs, seed, --quick, dtype, --no-sync-batch-norm)"
+            ) from error
     return make_mesh([d for devices in per_process.values() for d in devices[: args.devices]])
 
 
 def run_process(args) -> int:
+    launcher.watchdog(args.timeout, f"this process did not finish within --timeout {args.timeout:g} s")
     mesh = start_jax(args)
     import jax
 

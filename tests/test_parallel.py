@@ -205,6 +205,27 @@ def test_a_process_count_that_does_not_match(tmp_path):
     assert "not all 2 processes joined the coordinator" in proc.stderr
 
 
+def test_processes_started_with_different_options(tmp_path):
+    port = launcher.free_loopback_port()
+    processes = [
+        subprocess.Popen(
+            _worker(port, i, "--epochs", str(1 + i), "--out", str(tmp_path)),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        for process in processes:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 2 and "started with different options" in err, err[-2000:]
+    finally:
+        for process in processes:
+            launcher.end_process(process)
+
+
 def test_an_unreachable_coordinator(tmp_path, capsys):
     from compare import parallel
 
