@@ -35,27 +35,17 @@ def jax_started() -> bool:
     return bool(xla_bridge.backends_are_initialized())
 
 
-def checked_devices(count: int) -> list:
-    """The first ``count`` of ``jax.local_devices()``, or an InputError that says why there are fewer."""
+def checked_devices(count: int, *, started_earlier: bool = False) -> list:
+    """The first ``count`` of ``jax.local_devices()``, or an InputError that says why there are fewer
+    (``started_earlier``: JAX was already running before the devices could be requested)."""
     import jax
 
     devices = jax.local_devices()
     if count > len(devices):
-        flags = os.environ.get("XLA_FLAGS", "")
         raise InputError(
-            f"{count} devices requested but JAX has only {len(devices)} ({devices[0].platform}); "
-            + (
-                f"XLA_FLAGS says {flags!r} but JAX had already started before it was set: set "
-                f"XLA_FLAGS={FLAG}={count} before the first JAX computation (or start a new process)"
-                if FLAG in flags
-                else f"on CPU set XLA_FLAGS={FLAG}={count} before JAX starts (the --devices option does)"
-            )
+            f"{count} devices requested but JAX has only {len(devices)} ({devices[0].platform}): "
+            + ("JAX had already started in this process, and " if started_earlier else "")
+            + f"the device count is fixed when JAX starts; on CPU set XLA_FLAGS={FLAG}={count} before the first "
+            "JAX computation (the --devices option does it when JAX has not started yet), or start a new process"
         )
     return devices[:count]
-
-
-def setup_devices(count: int) -> list:
-    """:func:`request_devices` if JAX has not started yet, then :func:`checked_devices`."""
-    if not jax_started():
-        request_devices(count)
-    return checked_devices(count)

@@ -197,7 +197,8 @@ def launch(args) -> int:
 def start_jax(args):
     """Ask for the devices, start JAX (and its distributed runtime with ``--coordinator``); return
     the mesh over the first ``args.devices`` devices of every process."""
-    if not jax_started():
+    started_earlier = jax_started()
+    if not started_earlier:
         request_devices(args.devices)
     import jax
 
@@ -224,7 +225,7 @@ def start_jax(args):
     from compare.devices import checked_devices
     from jaxside.parallel import make_mesh
 
-    checked_devices(args.devices)
+    checked_devices(args.devices, started_earlier=started_earlier)
     if jax.process_count() != args.processes:
         raise InputError(f"JAX reports {jax.process_count()} processes, the job has {args.processes}")
     per_process = {}

@@ -1,11 +1,12 @@
 """The all-reduces of one synchronised training step, counted on both sides.
 
-JAX: the ``psum`` over ``"device"`` in the jaxpr of one device's step (``jaxside.parallel.device_step``
-traced with ``axis_env=[("device", D)]`` and a traced cotangent, so that :mod:`compare.jaxpr` can
-tell forward from backward). Those already in the step before the reduction over ``"device"``
-(``jaxside.parallel.local_loss_and_grads``) are batch norm's; the rest sum the gradients and the
-loss. NumPy: the calls to ``numpyside.parallel.AllReduce``, by phase and purpose.
-Expected per batch-norm layer: 2 forward + 2 backward; plus one per gradient and one for the loss.
+JAX: the ``psum`` over ``"device"`` in the jaxprs of one device's step, traced with
+``axis_env=[("device", D)]`` and counted with :mod:`compare.jaxpr` (``count``, ``by_direction``):
+batch norm's forward ones are those of ``jaxside.parallel.local_loss``, its backward ones what
+``local_loss_and_grads`` (the VJP) adds, and the reduction of the loss and the gradients what
+``device_step`` adds to that (the scalar one is the loss). NumPy: the calls to
+``numpyside.parallel.AllReduce``, by phase and purpose.
+Expected: 2 forward + 2 backward per batch-norm layer on both sides; then the loss and the gradients.
 """
 
 from __future__ import annotations
@@ -15,42 +16,47 @@ from collections import Counter
 import numpy as np
 
 from compare.init import init_params, init_state
-from numpyside.parallel import BATCH_NORM, GRADIENTS, AllReduce
-
-
-def _jax_found(function, params, state, images, labels, n_devices: int) -> Counter:
-    import jax
-
-    from compare.jaxpr import count_by_phase, find_collectives
-    from jaxside.parallel import DEVICE_AXIS
-
-    dloss = np.ones((), params[0]["weight"].dtype)
-    jaxpr = jax.make_jaxpr(function, axis_env=[(DEVICE_AXIS, n_devices)])(params, state, images, labels, dloss)
-    counts = count_by_phase(find_collectives(jaxpr, DEVICE_AXIS, cotangent_inputs=(-1,)))
-    return Counter({phase: sum(counter.values()) for phase, counter in counts.items()})
+from numpyside.parallel import BACKWARD, BATCH_NORM, FORWARD, GRADIENTS, LOSS, AllReduce
 
 
 def jax_counts(n_devices: int = 2, local_batch: int = 4, batch_norm: bool = True) -> Counter:
     """``Counter((phase, purpose) -> number of psum over "device")`` in one device's training step."""
+    import jax
+
+    from compare.jaxpr import by_direction, count, is_named_collective
     from jaxside import parallel
 
     params, state = init_params(0, np.float32, batch_norm), init_state(np.float32, batch_norm)
     images = np.zeros((local_batch, params[0]["weight"].shape[0]), np.float32)
     labels = np.zeros(local_batch, np.int32)
     n_total = local_batch * n_devices
+    kw = dict(sync_batch_norm=True)
 
-    def local(p, s, x, y, dloss):
-        return parallel.local_loss_and_grads(p, s, x, y, n_total, sync_batch_norm=True, dloss=dloss)
+    def trace(function):
+        return jax.make_jaxpr(function, axis_env=[(parallel.DEVICE_AXIS, n_devices)])(params, state, images, labels)
 
-    def step(p, s, x, y, dloss):
-        return parallel.device_step(p, s, x, y, n_total, sync_batch_norm=True, dloss=dloss)
+    forward = trace(lambda p, s, x, y: parallel.local_loss(p, s, x, y, n_total, **kw))
+    vjp = trace(lambda p, s, x, y: parallel.local_loss_and_grads(p, s, x, y, n_total, **kw))
+    step = trace(lambda p, s, x, y: parallel.device_step(p, s, x, y, n_total, **kw))
 
-    in_batch_norm = _jax_found(local, params, state, images, labels, n_devices)
-    in_step = _jax_found(step, params, state, images, labels, n_devices)
-    counts = Counter()
-    for phase in in_step:
-        counts[phase, BATCH_NORM] = in_batch_norm[phase]
-        counts[phase, GRADIENTS] = in_step[phase] - in_batch_norm[phase]
+    def over_devices(eqn):
+        return is_named_collective(eqn, parallel.DEVICE_AXIS)
+
+    in_batch_norm = {phase: sum(c.values()) for phase, c in by_direction(forward, vjp, over_devices).items()}
+
+    def total(jaxpr, match=over_devices) -> int:
+        return sum(count(jaxpr, match).values())
+
+    n_scalar = total(step, lambda eqn: over_devices(eqn) and eqn.outvars[0].aval.shape == ())
+    added = total(step) - total(vjp)
+    counts = Counter(
+        {
+            (FORWARD, BATCH_NORM): in_batch_norm[FORWARD],
+            (BACKWARD, BATCH_NORM): in_batch_norm[BACKWARD],
+            (FORWARD, LOSS): n_scalar,
+            (BACKWARD, GRADIENTS): added - n_scalar,
+        }
+    )
     return +counts
 
 

@@ -22,7 +22,6 @@ import operator
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -30,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from compare import contract
 from compare.contract import InputError
 from jaxside.layers import BATCH_AXIS
-from jaxside.model import check_float64_enabled, forward_pass
+from jaxside.model import check_float64_enabled, check_inputs, forward_pass
 from jaxside.train import predict_classes, sgd_momentum
 
 #: The mesh axis the batch is split over.
@@ -131,22 +130,20 @@ def local_loss(params, state, images, labels, n_total: int, *, sync_batch_norm: 
     return -picked.sum() / n_total, new_state
 
 
-def local_loss_and_grads(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, dloss=1.0):
-    """:func:`local_loss`, and the gradient of this device's share (times the cotangent ``dloss``;
-    ``jax.vjp`` with ``dloss = 1`` is ``jax.grad``, and a traced ``dloss`` marks the backward in a jaxpr)."""
-    loss, pullback, new_state = jax.vjp(
-        lambda p: local_loss(p, state, images, labels, n_total, sync_batch_norm=sync_batch_norm), params, has_aux=True
+def local_loss_and_grads(params, state, images, labels, n_total: int, *, sync_batch_norm: bool):
+    """:func:`local_loss`, and the gradient of this device's share of the loss."""
+    (loss, new_state), grads = jax.value_and_grad(local_loss, has_aux=True)(
+        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm
     )
-    (grads,) = pullback(jnp.asarray(dloss, loss.dtype))
     return loss, grads, new_state
 
 
-def device_step(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, reduce: bool = True, dloss=1.0):
+def device_step(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, reduce: bool = True):
     """:func:`local_loss_and_grads`, then the reduction over ``"device"``: loss and gradients summed
     (``psum``); per-device running statistics averaged (``pmean``; synchronised ones are already
     equal). ``reduce=False`` leaves the gradients unreduced (for the test that catches it)."""
     loss, grads, new_state = local_loss_and_grads(
-        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm, dloss=dloss
+        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm
     )
     loss = jax.lax.psum(loss, DEVICE_AXIS)
     if reduce:
@@ -175,8 +172,7 @@ def _sharded_step(mesh: Mesh, n_total: int, sync_batch_norm: bool, stacked: bool
 
 
 def _checked(params, state, images, labels, mesh, sync_batch_norm):
-    batch_norm, dtype, images, labels = contract.check_training_set(params, state, images, labels)
-    check_float64_enabled(dtype)
+    batch_norm, dtype, images, labels = check_inputs(params, state, images, labels, train=True)
     mesh = make_mesh() if mesh is None else check_mesh(mesh)
     check_batch_split(len(images), mesh.size, batch_norm=batch_norm, sync_batch_norm=sync_batch_norm)
     args = (
@@ -297,11 +293,13 @@ class Trainer:
     def epoch(self, batch_indices: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
         """Train on the batches ``batch_indices`` (steps, B), one learning rate per step; return the
         per-step losses. Every process passes the same indices."""
-        batch_indices = np.asarray(batch_indices, np.int32)
+        batch_indices, learning_rates = contract.check_epoch_plan(
+            batch_indices, learning_rates, len(self.images), self.batch_norm, self.dtype
+        )
         self.compile(*batch_indices.shape)
         start = time.perf_counter()
         images, labels = self._batches(batch_indices)
-        rates = replicate(self.mesh, learning_rates, self.dtype)
+        rates = replicate(self.mesh, learning_rates)
         self.host_seconds += time.perf_counter() - start
         self.params, self.velocity, self.state, losses = self._compiled[batch_indices.shape](
             self.params, self.velocity, self.state, images, labels, rates, self.momentum
@@ -326,8 +324,7 @@ def sharded_logits(params, state, images, *, mesh: Mesh) -> np.ndarray:
     """Training-mode logits ``(B, 10)`` of a batch split over ``mesh`` (synchronised batch norm)."""
     from jax.experimental import multihost_utils
 
-    batch_norm, dtype = contract.check_params(params)
-    images = contract.check_images(images, dtype)
+    batch_norm, dtype, images, _ = check_inputs(params, state, images, train=True)
     check_batch_split(len(images), mesh.size, batch_norm=batch_norm, sync_batch_norm=True)
     args = replicate(mesh, params, dtype), replicate(mesh, list(state or []), dtype), split_batch(mesh, images)
     return np.asarray(multihost_utils.process_allgather(_sharded_logits(mesh)(*args), tiled=True))

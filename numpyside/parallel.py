@@ -33,9 +33,9 @@ from numpyside.layers import (
 from numpyside.model import update_running_stats
 
 FORWARD, BACKWARD = "forward", "backward"
-#: What an all-reduce is for: batch norm's statistics / coupling sums, or the final sum of the
-#: shards' gradient and loss contributions.
-BATCH_NORM, GRADIENTS = "batch norm", "gradients and loss"
+#: What an all-reduce is for: batch norm's statistics / coupling sums, or the final sums of the
+#: shards' contributions to the loss and to the gradients.
+BATCH_NORM, LOSS, GRADIENTS = "batch norm", "loss", "gradients"
 
 
 class AllReduce:
@@ -167,9 +167,7 @@ def loss_and_grads(params, state, images, labels, *, shards: int, all_reduce: Al
     """The synchronised training step of ``jaxside.parallel.loss_and_grads`` over ``shards`` blocks
     of the batch, by hand: ``(loss, grads, new_state)``, equal to ``numpyside.model.loss_and_grads``
     on the whole batch to rounding. Pass an :class:`AllReduce` to see the all-reduces it made."""
-    batch_norm, dtype, images, labels = contract.check_training_set(params, state, images, labels)
-    if batch_norm:
-        contract.check_training_batch_size(len(images))
+    _, dtype, images, labels = contract.check_inputs(params, state, images, labels, train=True)
     all_reduce = AllReduce() if all_reduce is None else all_reduce
     params = [{k: np.ascontiguousarray(v, dtype) for k, v in layer.items()} for layer in params]
     state = [{k: np.asarray(v, dtype) for k, v in layer.items()} for layer in state or []]
@@ -181,5 +179,5 @@ def loss_and_grads(params, state, images, labels, *, shards: int, all_reduce: Al
         loss, dz = softmax_cross_entropy(z, y, backend="numpy")
         losses.append(np.asarray(loss * share))
         dlogits.append(dz * share)
-    loss = all_reduce(losses, phase=FORWARD, purpose=GRADIENTS, what="loss")
+    loss = all_reduce(losses, phase=FORWARD, purpose=LOSS, what="loss")
     return loss[()], backward(dlogits, caches, all_reduce), new_state

@@ -124,13 +124,14 @@ def test_all_reduce_counts_match_the_jaxpr():
     in number only: JAX sums every parameter's gradient over "device" (11 of them, gamma and beta
     included), the mirror reuses its all-reduced coupling sums as dgamma, dbeta (4 weights + 1 bias)."""
     from compare.sync_counts import jax_counts, numpy_counts
-    from numpyside.parallel import BATCH_NORM, GRADIENTS
+    from numpyside.parallel import BATCH_NORM, GRADIENTS, LOSS
 
     jax_side, numpy_side = jax_counts(n_devices=2), numpy_counts(shards=2)
     for phase in ("forward", "backward"):
         assert jax_side[phase, BATCH_NORM] == numpy_side[phase, BATCH_NORM] == 2 * 3
-    assert jax_side["forward", GRADIENTS] == numpy_side["forward", GRADIENTS] == 1  # the loss
+    assert jax_side["forward", LOSS] == numpy_side["forward", LOSS] == 1
     assert (jax_side["backward", GRADIENTS], numpy_side["backward", GRADIENTS]) == (11, 5)
+    assert sum(jax_side.values()) == 24 and sum(numpy_side.values()) == 18  # nothing else
 
 
 def test_two_pass_variance_survives_the_stress_case():
