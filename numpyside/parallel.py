@@ -32,10 +32,11 @@ from numpyside.layers import (
 )
 from numpyside.model import update_running_stats
 
-FORWARD, BACKWARD = "forward", "backward"
-#: What an all-reduce is for: batch norm's statistics / coupling sums, or the final sums of the
-#: shards' contributions to the loss and to the gradients.
-BATCH_NORM, LOSS, GRADIENTS = "batch norm", "loss", "gradients"
+#: When an all-reduce happens: in the forward, in the backward, or at the end of the step.
+FORWARD, BACKWARD, END = "forward", "backward", "end of step"
+#: What it is for: batch norm's statistics and coupling sums, or the shards' shares of the loss and
+#: of the gradients.
+BATCH_NORM, LOSS_AND_GRADIENTS = "batch norm", "loss and gradients"
 
 
 class AllReduce:
@@ -141,7 +142,7 @@ def backward(dlogits: list[np.ndarray], caches, all_reduce: AllReduce, *, backen
     sums all-reduced on the way, every weight and bias gradient all-reduced at the end."""
 
     def summed(parts, what):
-        return all_reduce(parts, phase=BACKWARD, purpose=GRADIENTS, what=what)
+        return all_reduce(parts, phase=END, purpose=LOSS_AND_GRADIENTS, what=what)
 
     grads = [{} for _ in caches]
     output = [linear_backward(d, c) for d, c in zip(dlogits, caches[-1])]
@@ -179,5 +180,5 @@ def loss_and_grads(params, state, images, labels, *, shards: int, all_reduce: Al
         loss, dz = softmax_cross_entropy(z, y, backend="numpy")
         losses.append(np.asarray(loss * share))
         dlogits.append(dz * share)
-    loss = all_reduce(losses, phase=FORWARD, purpose=LOSS, what="loss")
+    loss = all_reduce(losses, phase=END, purpose=LOSS_AND_GRADIENTS, what="loss")
     return loss[()], backward(dlogits, caches, all_reduce), new_state

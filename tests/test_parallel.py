@@ -120,18 +120,17 @@ def test_numpy_mirror_equals_full_batch(mnist, shards):
 
 
 def test_all_reduce_counts_match_the_jaxpr():
-    """2 forward + 2 backward all-reduces per batch-norm layer on both sides. The final sums differ
-    in number only: JAX sums every parameter's gradient over "device" (11 of them, gamma and beta
-    included), the mirror reuses its all-reduced coupling sums as dgamma, dbeta (4 weights + 1 bias)."""
+    """2 forward + 2 backward all-reduces per batch-norm layer on both sides. At the end of the step
+    JAX sums the loss and all 11 gradients in ONE psum (flattened); the mirror makes one all-reduce
+    per weight and bias gradient (5) and the loss, and reuses its coupling sums as dgamma, dbeta."""
     from compare.sync_counts import jax_counts, numpy_counts
-    from numpyside.parallel import BATCH_NORM, GRADIENTS, LOSS
+    from numpyside.parallel import BATCH_NORM, END, LOSS_AND_GRADIENTS
 
     jax_side, numpy_side = jax_counts(n_devices=2), numpy_counts(shards=2)
     for phase in ("forward", "backward"):
         assert jax_side[phase, BATCH_NORM] == numpy_side[phase, BATCH_NORM] == 2 * 3
-    assert jax_side["forward", LOSS] == numpy_side["forward", LOSS] == 1
-    assert (jax_side["backward", GRADIENTS], numpy_side["backward", GRADIENTS]) == (11, 5)
-    assert sum(jax_side.values()) == 24 and sum(numpy_side.values()) == 18  # nothing else
+    assert (jax_side[END, LOSS_AND_GRADIENTS], numpy_side[END, LOSS_AND_GRADIENTS]) == (1, 6)
+    assert sum(jax_side.values()) == 13 and sum(numpy_side.values()) == 18  # nothing else
 
 
 def test_two_pass_variance_survives_the_stress_case():
