@@ -142,7 +142,7 @@ def local_loss_and_grads(params, state, images, labels, n_total: int, *, sync_ba
 def device_step(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, reduce: bool = True):
     """:func:`local_loss_and_grads`, then the reduction over ``"device"``: the loss and the gradients
     summed in one ``psum`` of them all, flattened into one vector (one round of communication instead
-    of twelve: 2.1x the samples/s over two processes); per-device running statistics averaged
+    of twelve; see docs/sync_batchnorm.md); per-device running statistics averaged
     (``pmean``; synchronised ones are already equal). ``reduce=False`` sums the loss only, leaving
     the gradients unreduced (for the test that must catch it)."""
     loss, grads, new_state = local_loss_and_grads(
