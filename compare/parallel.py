@@ -539,11 +539,9 @@ def scaling_rows(configs=SCALING_CONFIGS, extra=(), timeout=600.0) -> list[dict]
     return rows
 
 
-def print_scaling(args) -> int:
-    """Run :func:`scaling_rows` with this command's run options; print and save the table."""
-    extra = _without(args.argv, {"--scaling", "--processes", "--devices", "--devices-per-process", "--out"})
-    rows = scaling_rows(extra=extra, timeout=args.timeout)
-    table = Table(title=f"Data-parallel samples/s on this machine ({os.cpu_count()} cores), batch {args.batch_size}")
+def scaling_table(rows: list[dict], batch_size: int) -> Table:
+    """The rows of :func:`scaling_rows` as a table."""
+    table = Table(title=f"Data-parallel samples/s on this machine ({os.cpu_count()} cores), batch {batch_size}")
     columns = ("processes", "devices/process", "devices", "sharded samples/s", "of it host", "one-device Trainer")
     for name in columns:
         table.add_column(name, justify="right")
@@ -557,7 +555,14 @@ def print_scaling(args) -> int:
             f"{r['sharded_host_share']:.0%}",
             "" if single is None else f"{single:,.0f}",
         )
-    Console().print(table)
+    return table
+
+
+def print_scaling(args) -> int:
+    """Run :func:`scaling_rows` with this command's run options; print and save the table."""
+    extra = _without(args.argv, {"--scaling", "--processes", "--devices", "--devices-per-process", "--out"})
+    rows = scaling_rows(extra=extra, timeout=args.timeout)
+    Console().print(scaling_table(rows, args.batch_size))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
