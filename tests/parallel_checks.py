@@ -55,8 +55,6 @@ def main(out: str) -> None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from helpers import random_params, random_state
-
     from compare import training
     from compare.contract import InputError
     from compare.init import init_params, init_state
@@ -64,6 +62,7 @@ def main(out: str) -> None:
     from jaxside import model, parallel
     from jaxside import train as single_train
     from numpyside import parallel as numpy_parallel
+    from tests.helpers import random_params, random_state
 
     train_x, train_y, test_x, _ = load_mnist()
     results = {"device_count": jax.device_count()}

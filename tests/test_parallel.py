@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_params, random_state
 
 from compare import launcher
 from compare.contract import InputError
+from tests.helpers import random_params, random_state
 
 ROOT = Path(__file__).resolve().parents[1]
 #: float64: sharded and single-device runs differ only in the order of sums (a few ulps, 2.2e-16
