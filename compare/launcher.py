@@ -25,6 +25,21 @@ class RunFailed(RuntimeError):
     """A process of the run failed, or the run did not finish in time."""
 
 
+def without(argv: list[str], options: set[str]) -> list[str]:
+    """``argv`` without the given options (and their values)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in options:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from compare import launcher, run
+from compare import launcher, run, scaling
 from compare.contract import InputError
 from compare.devices import jax_started, request_devices
 
@@ -44,8 +44,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: grow like the JAX-vs-NumPy drift of compare/run.py (same tolerances, same reasons).
 STEP0_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 DRIFT_TOLERANCE = run.DRIFT_TOLERANCE
-#: (processes, devices per process) of the scaling table.
-SCALING_CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scaling",
         action="store_true",
         help="samples/s against processes and devices: --throughput for each (P, D) in "
-        + " ".join(f"({p}, {d})" for p, d in SCALING_CONFIGS)
+        + " ".join(f"({p}, {d})" for p, d in scaling.CONFIGS)
         + "; the table is printed and written to OUT/scaling.json",
     )
     return parser
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.scaling:
-            return print_scaling(args)
+            return scaling.print_scaling(args)
         if args.coordinator is None and args.processes > 1:
             return launch(args)
         return run_process(args)
@@ -137,26 +135,11 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _without(argv: list[str], options: set[str]) -> list[str]:
-    """``argv`` without the given options (and their values)."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        name = item.split("=", 1)[0]
-        if name in options:
-            skip = "=" not in item
-            continue
-        out.append(item)
-    return out
-
-
 def launch(args) -> int:
     """Start ``args.processes`` local processes of one job and wait for them (bounded by ``--timeout``)."""
     port = launcher.free_loopback_port()
     address = f"127.0.0.1:{port}"
-    common = _without(args.argv, {"--processes", "--devices", "--devices-per-process"})
+    common = launcher.without(args.argv, {"--processes", "--devices", "--devices-per-process"})
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}  # logs current when a process fails
     print(f"launching {args.processes} processes x {args.devices} devices, coordinator on {address}", flush=True)
@@ -263,7 +246,7 @@ def run_process(args) -> int:
     except Exception as error:  # the loader's errors say what is missing and how to fix it
         raise InputError(str(error)) from error
     if args.throughput:
-        result = throughput(args, mesh, data)
+        result = scaling.throughput(args, mesh, data)
         if leader:
             print(json.dumps(result), flush=True)
         return 0
@@ -483,91 +466,6 @@ def single_device_table(rows):
             str(r["predictions_differ"]),
         )
     return table
-
-
-# ----------------------------------------------------------------------------------------------
-# throughput: samples/s against devices and processes
-# ----------------------------------------------------------------------------------------------
-
-
-def throughput(args, mesh, data) -> dict:
-    """Time ``args.epochs`` sharded epochs after compiling (every process takes part); with one
-    process also the single-device ``jaxside.train.Trainer`` on the same batches."""
-    import jax
-
-    from compare import training
-    from compare.init import init_params, init_state
-    from jaxside import parallel
-
-    train_x, train_y, _, _ = data
-    params, state = init_params(args.seed, args.dtype), init_state(args.dtype)
-    steps = len(train_x) // args.batch_size
-    rng = training.batch_rng(args.seed)
-    epochs = [training.epoch_batches(len(train_x), args.batch_size, rng) for _ in range(args.epochs)]
-    rates = np.full(steps, 0.01)
-    result = {"devices": mesh.size, "processes": jax.process_count(), "batch_size": args.batch_size}
-    trainers = {"sharded": parallel.Trainer(params, state, train_x, train_y, momentum=args.momentum, mesh=mesh)}
-    if jax.process_count() == 1:
-        from jaxside.train import Trainer
-
-        trainers["single_device"] = Trainer(params, state, train_x, train_y, momentum=args.momentum)
-    samples = steps * args.batch_size * len(epochs)
-    for key, trainer in trainers.items():
-        trainer.compile(steps, args.batch_size)
-        trainer.epoch(epochs[0], rates)  # warm-up
-        host_before = getattr(trainer, "host_seconds", 0.0)
-        start = time.perf_counter()
-        for batches in epochs:
-            trainer.epoch(batches, rates)
-        seconds = time.perf_counter() - start
-        result[f"{key}_samples_per_s"] = samples / seconds
-        if key == "sharded":  # the host's share: gathering this process's block of every batch, sending it
-            result["sharded_host_share"] = (trainer.host_seconds - host_before) / seconds
-    return result
-
-
-def scaling_rows(configs=SCALING_CONFIGS, extra=(), timeout=600.0) -> list[dict]:
-    """Samples/s of the sharded trainer for each ``(processes, devices per process)``, each in fresh
-    processes (the device count is fixed when JAX starts). ``extra`` are more run options."""
-    rows = []
-    for processes, devices in configs:
-        command = [sys.executable, "-m", "compare.parallel", "--throughput", "--no-progress", *extra]
-        command += ["--processes", str(processes), "--devices", str(devices)]
-        out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise launcher.RunFailed(f"{' '.join(command[1:])} failed:\n{out.stderr[-2000:]}")
-        rows.append({**json.loads(lines[-1]), "devices_per_process": devices})
-    return rows
-
-
-def scaling_table(rows: list[dict], batch_size: int) -> Table:
-    """The rows of :func:`scaling_rows` as a table."""
-    table = Table(title=f"Data-parallel samples/s on this machine ({os.cpu_count()} cores), batch {batch_size}")
-    columns = ("processes", "devices/process", "devices", "sharded samples/s", "of it host", "one-device Trainer")
-    for name in columns:
-        table.add_column(name, justify="right")
-    for r in rows:
-        single = r.get("single_device_samples_per_s")
-        table.add_row(
-            str(r["processes"]),
-            str(r["devices_per_process"]),
-            str(r["devices"]),
-            f"{r['sharded_samples_per_s']:,.0f}",
-            f"{r['sharded_host_share']:.0%}",
-            "" if single is None else f"{single:,.0f}",
-        )
-    return table
-
-
-def print_scaling(args) -> int:
-    """Run :func:`scaling_rows` with this command's run options; print and save the table."""
-    extra = _without(args.argv, {"--scaling", "--processes", "--devices", "--devices-per-process", "--out"})
-    rows = scaling_rows(extra=extra, timeout=args.timeout)
-    Console().print(scaling_table(rows, args.batch_size))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
