@@ -43,6 +43,25 @@ def ghost_reference(params, state, images, labels, ghosts):
     return loss, grads, new_state
 
 
+def ensemble_ghost(params, state, images, labels, ghosts):
+    """The same from ``jaxside.ensemble.loss_and_grads(..., ghost_batches=G)`` (an ensemble of one
+    member: the leaves stacked on a leading member axis), or None where that module is not there."""
+    import jax
+
+    try:
+        from jaxside import ensemble
+    except ImportError:
+        return None
+
+    def stack(tree):
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[None], tree)
+
+    losses, grads, new_state = ensemble.loss_and_grads(
+        stack(params), stack(state), images, labels, ghost_batches=ghosts
+    )
+    return losses[0], *jax.tree_util.tree_map(lambda a: np.asarray(a)[0], (grads, new_state))
+
+
 def spread(per_device) -> float:
     """max over outputs of max_d |copy_d - copy_0|: 0 when every device holds the same values."""
     import jax
@@ -95,6 +114,8 @@ def main(out: str) -> None:
         unsynced = parallel.loss_and_grads(params, state, x, y, mesh=mesh, sync_batch_norm=False)
         r["unsynced_vs_synced"] = max_diff(unsynced, synced)
         r["unsynced_vs_ghost"] = max_diff(unsynced, ghost_reference(params, state, x, y, d))
+        from_ensemble = ensemble_ghost(params, state, x, y, d)
+        r["unsynced_vs_ensemble_ghost"] = None if from_ensemble is None else max_diff(unsynced, from_ensemble)
         r["unsynced_spread"] = spread(
             parallel.per_device_results(params, state, x, y, mesh=mesh, sync_batch_norm=False)
         )
