@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.no_sync_batch_norm and not args.no_batch_norm and args.batch_size // total < 2:
         parser.error("per-device batch norm needs at least 2 examples per device")
+    if getattr(args, "ensemble", None) is not None:
+        parser.error("--ensemble does not combine with --devices / --processes")
     if args.model != "pmean":
         parser.error("data-parallel training runs our own per-example model (--model pmean)")
     args.argv = argv
