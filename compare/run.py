@@ -112,12 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     ensemble_run.add_arguments(parser)
+    parser.add_argument(
+        "--devices",
+        type=positive_int,
+        help="split every batch over D devices (CPU: D host devices); see compare/parallel.py",
+    )
+    parser.add_argument("--processes", type=positive_int, help="P local processes (with --devices D each)")
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse and validate; every problem exits with status 2 before any work starts."""
-    parser = build_parser()
+    parser = build_parser() if parser is None else parser
     args = parser.parse_args(argv)
     epochs_given = any(
         a == "--epochs" or a.startswith("--epochs=") for a in (argv if argv is not None else sys.argv[1:])
@@ -286,6 +292,10 @@ def train_both(args, sides, params, state, data, console: Console):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.devices or args.processes:  # data-parallel: the sharded JAX side, set up before JAX starts
+        from compare.parallel import main as parallel_main
+
+        return parallel_main(argv)
     import jax
 
     jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32

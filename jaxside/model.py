@@ -67,7 +67,8 @@ def forward_pass(
     running statistics; with ``train=False`` it uses ``state`` and returns it unchanged.
 
     ``axis_name`` is the vmapped axis (or tuple of axes) the statistics cover and ``bn_momentum``
-    the running statistics' momentum (may be traced); :mod:`jaxside.ensemble` sets them.
+    the running statistics' momentum (may be traced); :mod:`jaxside.ensemble` sets them, and
+    :mod:`jaxside.parallel` uses ``("device", "batch")`` for batch norm synchronised across devices.
     """
     if image_vector.ndim != 1:
         raise InputError(
