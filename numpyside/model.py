@@ -33,9 +33,6 @@ from numpyside.layers import (
     softmax_cross_entropy_forward,
 )
 
-#: Old private name of :func:`compare.contract.check_backend`, still imported by ``numpyside.fast``.
-_check_backend = check_backend
-
 
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int) -> dict:
     """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = 0.1``.
