@@ -665,6 +665,94 @@ def bench_epoch(setup: Setup, impls, rng, repeats: int, log, settings) -> list[d
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# opt-in rows: an ensemble against its members one after another (--ensemble), scaling (--scaling)
+# ------------------------------------------------------------------------------------------------
+
+#: The ensemble rows' batch size and dtype (issue 11: batch 128, float32).
+ENSEMBLE_BATCH_SIZE = 128
+ENSEMBLE_DTYPE = "float32"
+
+
+def _ensemble_key(name: str) -> tuple[str, str]:
+    """``(impl, mode)`` of a row of :func:`compare.ensemble_bench.runners`: its NumPy side runs the
+    numba kernels, so its rows are ``impl`` "numba"."""
+    side, mode = name.split(" ", 1)
+    return ("numba" if side == "numpy" else side), mode
+
+
+def bench_ensemble(setup: Setup, members: int, size: str, log, settings) -> list[dict]:
+    r"""The rows of :func:`compare.ensemble_bench.runners` at batch :data:`ENSEMBLE_BATCH_SIZE`,
+    timed round-robin with the limit's products for ``members`` times as many steps. A row's
+    ``samples_per_s`` is member-samples/s (``members x steps x batch`` over an epoch's seconds);
+    ``speedup_vs_single`` is that over the same side's ``single x members`` row."""
+    from compare import ensemble_bench
+
+    batch_size, threads = ENSEMBLE_BATCH_SIZE, settings["threads"]
+    steps = max(3, round(SAMPLES_PER_REPEAT[size] / batch_size))
+    made = ensemble_bench.runners(
+        setup.images, setup.labels, members=members, batch_size=batch_size, steps=steps, dtype=setup.dtype
+    )
+    runs = {LIMIT_KEY: blas_runner(batch_size, setup.dtype, members * steps)}
+    for name, run in made.items():
+        if "2 threads" in name and threads < 2:
+            continue  # a split over two threads held to one core is not that row
+        runs[_ensemble_key(name)] = run
+    # per "step" = one member's step: the rows' samples/s are member-samples/s
+    timings = measure_interleaved(runs, members * steps, REPEATS[size], limit_key=LIMIT_KEY, budget=ROUNDS_BUDGET)
+    limit = batch_size / timings.pop(LIMIT_KEY).seconds_per_step
+    rows = [
+        row(impl, mode, setup.dtype, batch_size, timing, limit, settings, members=members)
+        for (impl, mode), timing in timings.items()
+    ]
+    single = {r["impl"]: r["samples_per_s"] for r in rows if r["mode"].startswith("single")}
+    for r in rows:
+        r["speedup_vs_single"] = r["samples_per_s"] / single[r["impl"]]
+        log(
+            f"{setup.dtype} {threads} thread{'s' if threads > 1 else ' '} ensemble of {members} {r['impl']:>6} "
+            f"{r['mode']:<50}{r['samples_per_s']:>10,.0f} member-samples/s x{r['speedup_vs_single']:.2f}"
+        )
+    return rows
+
+
+def is_ensemble_row(r: dict) -> bool:
+    return "members" in r
+
+
+def scaling_bench_rows(rows: list[dict], dtype: str) -> list[dict]:
+    """The rows of :func:`compare.scaling.scaling_rows` as bench.json rows (``impl`` "jax", ``mode``
+    "sharded"): ``samples_per_s`` of the sharded trainer, the raw row under ``scaling``. Their
+    processes are not held to cores (``threads`` None); no limit was timed with them."""
+    info = numpy_blas_info()
+    return [
+        {
+            "impl": "jax",
+            "mode": "sharded",
+            "dtype": dtype,
+            "batch_size": int(r["batch_size"]),
+            "samples_per_s": float(r["sharded_samples_per_s"]),
+            "limit_samples_per_s": None,
+            "processes": int(r["processes"]),
+            "devices": int(r["devices"]),
+            "devices_per_process": int(r["devices_per_process"]),
+            "threads": None,
+            "blas_kernel": info.get("architecture"),
+            "under_load": False,
+            "scaling": r,
+        }
+        for r in rows
+    ]
+
+
+def bench_scaling(quick: bool, dtype: str) -> list[dict]:
+    """:func:`compare.scaling.scaling_rows` (every configuration in fresh processes), one epoch each
+    at batch :data:`ENSEMBLE_BATCH_SIZE`; ``quick``: on the ``--quick`` data."""
+    from compare import scaling
+
+    extra = ["--dtype", dtype, "--batch-size", str(ENSEMBLE_BATCH_SIZE), "--epochs", "1"]
+    return scaling.scaling_rows(extra=extra + (["--quick"] if quick else []))
+
+
 def worker_environment(threads: int) -> dict:
     """The environment of the worker for ``threads``: every library's thread count set to it (XLA
     through ``XLA_FLAGS``). ``OPENBLAS_CORETYPE`` and the rest are left as they are."""
@@ -740,7 +828,7 @@ def worker(args) -> int:
         if why:
             notes.append(why)
             impls = [impl for impl in impls if impl != implementation.impl]
-    if "jax" in impls:
+    if "jax" in impls or args.ensemble:
         import jax
 
         jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
@@ -763,6 +851,8 @@ def worker(args) -> int:
             rows += bench_batch_size(setup, batch_size, size, impls, rng, log, settings, under_load=args.under_load)
         if not args.no_epoch:
             rows += bench_epoch(setup, impls, rng, 1 if args.quick else 3, log, settings)
+        if args.ensemble and dtype == ENSEMBLE_DTYPE:
+            rows += bench_ensemble(setup, args.ensemble, size, log, settings)
     Path(args.worker_out).write_text(json.dumps({"rows": rows, "notes": notes}))
     return 0
 
@@ -770,6 +860,7 @@ def worker(args) -> int:
 def run_worker(args, threads: int, console) -> tuple[list[dict], list[str]]:
     """Run :func:`worker` for ``threads`` in a process of its own; its rows and notes."""
     forwarded = ["--batch-sizes", *map(str, args.batch_sizes), "--dtypes", *args.dtypes, "--impls", *args.impls]
+    forwarded += ["--ensemble", str(args.ensemble)] if args.ensemble else []
     forwarded += ["--seed", str(args.seed)] + [f"--{flag.replace('_', '-')}" for flag in FLAGS if getattr(args, flag)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
@@ -808,6 +899,8 @@ def tables(rows: list[dict]):
     from rich.table import Table
 
     out = []
+    ensemble = [r for r in rows if is_ensemble_row(r)]
+    rows = [r for r in rows if not is_ensemble_row(r)]
     idle = [r for r in rows if not r["under_load"]]
     for dtype in dict.fromkeys(r["dtype"] for r in idle):
         for threads in sorted({r["threads"] for r in idle}):
@@ -869,6 +962,24 @@ def tables(rows: list[dict]):
                 f"{r['fraction_of_limit']:.0%}",
             )
         out.append(table)
+    if ensemble:
+        table = Table(
+            title=f"Ensemble of {ensemble[0]['members']}, B={ensemble[0]['batch_size']}: member-samples/s "
+            "(speed-up over the same side's single models one after another; * = other processes busy)"
+        )
+        for name in ("implementation", "row", "dtype", "threads", "member-samples/s", "speed-up"):
+            table.add_column(name, justify="left" if name in ("implementation", "row") else "right")
+        for r in ensemble:
+            busy = "[red]*[/]" if r["other_cpu"] > BUSY_THRESHOLD else ""
+            table.add_row(
+                r["impl"],
+                r["mode"],
+                r["dtype"],
+                str(r["threads"]),
+                f"{r['samples_per_s']:,.0f}{busy}",
+                f"x{r['speedup_vs_single']:.2f}",
+            )
+        out.append(table)
     return out
 
 
@@ -876,6 +987,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     """At batch 128: the numba FastTrainer against JAX's fastest training row, and each side's
     slowdown under load, per dtype and thread count (all from the same worker's rounds)."""
     lines = []
+    rows = [r for r in rows if not is_ensemble_row(r)]
     training_modes = {"scan", "jit-step", "epoch"}
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         for threads in sorted({r["threads"] for r in rows}):
@@ -911,7 +1023,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    step_rows = [r for r in rows if r["mode"] != "epoch" and not r["under_load"]]
+    step_rows = [r for r in rows if r["mode"] != "epoch" and not r["under_load"] and not is_ensemble_row(r)]
     dtypes = list(dict.fromkeys(r["dtype"] for r in step_rows))
     thread_counts = sorted({r["threads"] for r in step_rows})
     styles = {LIMIT_KEY: LIMIT_STYLE, **{i.key: i.style for i in REGISTRY}}
@@ -959,6 +1071,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"time B={LOADED_BATCH_SIZE} again while processes of the bench keep every core busy",
     )
     parser.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch rows")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=0,
+        metavar="M",
+        help=f"also an ensemble of M at B={ENSEMBLE_BATCH_SIZE}, {ENSEMBLE_DTYPE}, against M single models one "
+        "after another (member-samples/s)",
+    )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also the data-parallel scaling table: samples/s against processes and devices (bench.json mode "
+        '"sharded")',
+    )
     parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
     parser.add_argument("--worker-threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -978,6 +1104,8 @@ def main(argv=None) -> int:
         parser.error("thread counts must be at least 1")
     if args.under_load and LOADED_BATCH_SIZE not in args.batch_sizes:
         parser.error(f"--under-load times batch size {LOADED_BATCH_SIZE}: include it in --batch-sizes")
+    if args.ensemble and (args.ensemble < 2 or ENSEMBLE_DTYPE not in args.dtypes):
+        parser.error(f"--ensemble needs at least 2 members and {ENSEMBLE_DTYPE} in --dtypes")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
     if args.worker_threads is not None:
@@ -1003,13 +1131,25 @@ def main(argv=None) -> int:
         worker_rows, worker_notes = run_worker(args, count, console)
         rows += worker_rows
         notes += [note for note in worker_notes if note not in notes]
-    for table in tables(rows):
+    if args.scaling:
+        from compare.scaling import scaling_table
+
+        scaling = bench_scaling(args.quick, ENSEMBLE_DTYPE)
+        rows += scaling_bench_rows(scaling, ENSEMBLE_DTYPE)
+    timed = [r for r in rows if r["mode"] != "sharded"]  # held to cores and timed with the limit
+    for table in tables(timed):
         console.print(table)
-    for line in verdicts(rows):
+    if args.scaling:
+        console.print(scaling_table(scaling, ENSEMBLE_BATCH_SIZE))
+        console.print(
+            f"  [yellow]note[/]: {os.cpu_count()} cores: more devices or processes cannot run faster here, they "
+            "share the same cores (see docs/sync_batchnorm.md)"
+        )
+    for line in verdicts(timed):
         console.print(f"  {line}")
     for note in notes:
         console.print(f"  {note}")
-    busy = [r for r in rows if r["other_cpu"] > BUSY_THRESHOLD and not r["under_load"]]
+    busy = [r for r in timed if r["other_cpu"] > BUSY_THRESHOLD and not r["under_load"]]
     if busy:
         console.print(
             f"[yellow]note[/]: {len(busy)} rows were timed while other processes used more than "
@@ -1020,7 +1160,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # bench.json: the implementations' rows (the limit is in every row's limit_samples_per_s)
     (args.out / "bench.json").write_text(json.dumps([r for r in rows if r["impl"] in IMPLS], indent=1) + "\n")
-    plot(rows, args.out / "bench.png")
+    plot(timed, args.out / "bench.png")
     console.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     return 0
 
