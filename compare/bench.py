@@ -2,6 +2,7 @@
 "the limit": the step's 11 matrix products done by NumPy's BLAS alone on the same shapes.
 
     vmap-bn-bench [--quick] [--threads 1 2] [--under-load] [--out DIR] [--batch-sizes ...] [--dtypes ...]
+                  [--ensemble M] [--scaling]
 
 Each thread count runs in a process of its own, on that many cores (CPU affinity), with OpenBLAS,
 numba, XLA's intra-op pool and PyTorch held to that many threads. There, per dtype and
