@@ -436,12 +436,7 @@ def compare_sharded(args, mesh, data, console, leader: bool, parallel) -> int:
         "machine": report_module.machine(),
         "timings": {**timings, "wall_s": None},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    from compare.plot import plot_comparison
-
-    plot_comparison(report, args.out / "output.png")
-    report["timings"]["wall_s"] = time.perf_counter() - wall_start
-    report_module.write_report(report, args.out / "report.json")
+    report_module.write_outputs(report, args.out, wall_start)
     console.print(f"wrote {args.out / 'report.json'} and {args.out / 'output.png'}")
     for line in failures:
         console.print(f"[bold red]FAIL[/] {line}")

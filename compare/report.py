@@ -45,3 +45,16 @@ def machine() -> dict:
 
 def write_report(report: dict, path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+def write_outputs(report: dict, out: Path, wall_start: float) -> None:
+    """``output.png`` and ``report.json`` in ``out``; the report's ``wall_s`` counts from ``wall_start``
+    (a ``time.perf_counter()`` value) to after the plot."""
+    import time
+
+    from compare.plot import plot_comparison
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_comparison(report, out / "output.png")
+    report["timings"]["wall_s"] = time.perf_counter() - wall_start
+    write_report(report, out / "report.json")

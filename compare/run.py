@@ -392,12 +392,7 @@ def main(argv=None) -> int:
         "timings": {**timings, "wall_s": None},
         **({"ensemble": ensemble} if ensemble else {}),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    from compare.plot import plot_comparison
-
-    plot_comparison(report, args.out / "output.png")
-    report["timings"]["wall_s"] = time.perf_counter() - wall_start
-    report_module.write_report(report, args.out / "report.json")
+    report_module.write_outputs(report, args.out, wall_start)
     console.print(
         f"wrote {args.out / 'report.json'} and {args.out / 'output.png'} "
         f"(wall time {report['timings']['wall_s']:.1f} s)"
