@@ -28,8 +28,18 @@ _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, b
 
 
 @_jit
+def _unsigned(index):
+    """``index`` as an unsigned integer. A loop ``for j in range(lo, hi)`` over signed bounds
+    indexes with a signed ``j``, which numba wraps around (``a[j]`` is ``a[j + len(a)]`` for
+    ``j < 0``): that select per access keeps LLVM from vectorising the loop. Over unsigned bounds
+    ``j`` is unsigned and ``a[j]`` a plain load."""
+    return np.uint64(index)
+
+
+@_jit
 def gather_rows(source, indices, out, lo, hi):
     """``out[k] = source[indices[k]]`` for the rows ``lo <= k < hi`` of a batch of images."""
+    lo, hi = _unsigned(lo), _unsigned(hi)
     n = source.shape[1]
     for k in range(lo, hi):
         row = indices[k]
@@ -62,6 +72,7 @@ def bn_sigmoid_forward(
     of passes 1 and 2 take four rows per sweep over the features, adding them in row order: the
     same sums, with a quarter of the loads and stores of the accumulators.
     """
+    lo, hi = _unsigned(lo), _unsigned(hi)
     n_rows = z.shape[0]
     dt = z.dtype.type
     count = dt(n_rows)
@@ -108,6 +119,7 @@ def bn_sigmoid_forward(
 @_jit
 def bias_sigmoid_forward(z, bias, s, lo, hi):
     """Batch norm off: ``s = sigmoid(z + bias)`` (``kernels.sigmoid``'s operations), one pass."""
+    lo, hi = _unsigned(lo), _unsigned(hi)
     n_rows = z.shape[0]
     one = z.dtype.type(1)
     for i in range(n_rows):
@@ -125,6 +137,7 @@ def sigmoid_bn_backward(ds, s, x_hat, gamma, inv_std, d, dgamma, dbeta, lo, hi):
 
     Same operations as ``kernels.sigmoid_backward`` + ``kernels.batchnorm_backward``.
     """
+    lo, hi = _unsigned(lo), _unsigned(hi)
     n_rows = ds.shape[0]
     dt = ds.dtype.type
     count = dt(n_rows)
@@ -148,6 +161,7 @@ def sigmoid_bn_backward(ds, s, x_hat, gamma, inv_std, d, dgamma, dbeta, lo, hi):
 @_jit
 def sigmoid_bias_backward(ds, s, d, dbias, lo, hi):
     """Batch norm off: ``d = ds * s * (1 - s)`` and ``dbias = sum_b d`` (one pass)."""
+    lo, hi = _unsigned(lo), _unsigned(hi)
     n_rows = ds.shape[0]
     one = ds.dtype.type(1)
     for j in range(lo, hi):
@@ -187,6 +201,7 @@ def sgd_momentum(params, velocity, grads, lr, momentum, lo, hi):
     """``v <- v * momentum + g``; ``p <- p - lr * v`` over the elements ``lo <= k < hi`` of flat
     (1-D) buffers holding every parameter (the reference's ``np.multiply``, ``np.add``,
     ``p -= lr * v``: two roundings each, no FMA)."""
+    lo, hi = _unsigned(lo), _unsigned(hi)
     for k in range(lo, hi):
         v = velocity[k] * momentum + grads[k]
         velocity[k] = v
