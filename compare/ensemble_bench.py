@@ -38,6 +38,7 @@ def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype:
     from jaxside.train import Trainer as JaxTrainer
     from numpyside import ensemble as numpy_ensemble
     from numpyside.fast import FastTrainer
+    from numpyside.fast_ensemble import FastEnsembleTrainer
 
     params, state = init_ensemble(range(seed, seed + members), dtype)
     rng = np.random.default_rng(seed)
@@ -78,6 +79,18 @@ def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype:
         ),
         "numpy ensemble, independent batches, 2 threads over members": epoch_of(
             numpy_ensemble.Trainer(params, state, images, labels, backend="numba", threads=2, **options), independent
+        ),
+        "numpy fast ensemble, same batches": epoch_of(
+            FastEnsembleTrainer(params, state, images, labels, threads=1, **options), shared
+        ),
+        "numpy fast ensemble, independent batches": epoch_of(
+            FastEnsembleTrainer(params, state, images, labels, threads=1, **options), independent
+        ),
+        "numpy fast ensemble, same batches, 2 threads over members": epoch_of(
+            FastEnsembleTrainer(params, state, images, labels, threads=2, **options), shared
+        ),
+        "numpy fast ensemble, independent batches, 2 threads over members": epoch_of(
+            FastEnsembleTrainer(params, state, images, labels, threads=2, **options), independent
         ),
         f"numpy single x {members} (FastTrainer)": one_after_another(
             lambda p, s: FastTrainer(p, s, images, labels, backend="numba", **options)

@@ -223,9 +223,10 @@ class Trainer:
 
     ``threads > 1`` (members not pooled): the members are split into that many contiguous groups,
     each group trains the whole epoch in its own thread with single-threaded BLAS: the parallelism
-    moves from inside each small product to across members. The members are independent, so the
-    numbers are those of ``threads=1`` under single-threaded BLAS, bit for bit (tested; OpenBLAS's
-    own threads split some products differently, which changes the last bits).
+    moves from inside each small product to across members. The members are independent, so they
+    train as with ``threads=1`` under single-threaded BLAS: bit for bit with per-member batches;
+    with a shared batch the first layer multiplies a group's weights side by side, and OpenBLAS may
+    round a column differently in a narrower product (tested against a stated tolerance).
     """
 
     def __init__(

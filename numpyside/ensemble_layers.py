@@ -36,8 +36,18 @@ class LinearCache(NamedTuple):
 
 def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
     r"""``out[m] = x[m] W[m] (+ b[m])``: ``x`` (M, B, n_in) or shared (B, n_in), ``W`` (M, n_in, n_out),
-    ``b`` (M, n_out). Returns ``out`` (M, B, n_out) and the cache."""
-    out = np.matmul(x, weight)
+    ``b`` (M, n_out). Returns ``out`` (M, B, n_out) and the cache.
+
+    A shared input multiplies the members' weights side by side, one product
+    ``x [W_1 \cdots W_M]`` of shape (B, M n_out): what ``vmap``'s batching rule makes of ``x @ W``
+    when only ``W`` has the member axis (it folds that axis into W's free dimension).
+    """
+    if x.ndim == 2:
+        n_members, n_in, n_out = weight.shape
+        side_by_side = weight.transpose(1, 0, 2).reshape(n_in, n_members * n_out)
+        out = _c((x @ side_by_side).reshape(x.shape[0], n_members, n_out).transpose(1, 0, 2))
+    else:
+        out = np.matmul(x, weight)
     if bias is not None:
         out += bias[:, None, :]
     return out, LinearCache(x, weight, bias is not None)
@@ -48,13 +58,18 @@ def linear_backward(dout, cache: LinearCache, *, need_dx: bool = True):
 
     .. math:: dx_m = dout_m W_m^T, \qquad dW_m = x_m^T dout_m, \qquad db_m = \textstyle\sum_b dout_{mb}
 
-    A shared input gives every member's ``dW_m = x^T dout_m``. Returns ``(dx, dweight, dbias)``
-    (``dx`` None with ``need_dx=False``, ``dbias`` None without a bias).
+    A shared input gives every member's ``dW_m = x^T dout_m``, all in one product
+    ``x^T [dout_1 \cdots dout_M]`` (the forward's side-by-side layout). Returns ``(dx, dweight,
+    dbias)`` (``dx`` None with ``need_dx=False``, ``dbias`` None without a bias).
     """
     x, weight, has_bias = cache
     dx = np.matmul(dout, weight.transpose(0, 2, 1)) if need_dx else None
-    x_t = x.T if x.ndim == 2 else x.transpose(0, 2, 1)
-    dweight = np.matmul(x_t, dout)
+    if x.ndim == 2:
+        n_members, batch, n_out = dout.shape
+        side_by_side = dout.transpose(1, 0, 2).reshape(batch, n_members * n_out)
+        dweight = _c((x.T @ side_by_side).reshape(x.shape[1], n_members, n_out).transpose(1, 0, 2))
+    else:
+        dweight = np.matmul(x.transpose(0, 2, 1), dout)
     dbias = dout.sum(axis=1) if has_bias else None
     return dx, dweight, dbias
 

@@ -379,10 +379,19 @@ def test_bad_ensemble_construction_and_training_input(mnist):
             module.Trainer(params, state, images, labels, momentum=0.9).epoch(np.full((1, 16), 64), [0.1])
 
 
+#: float32 members trained on shared batches in one thread and in two: the first layer's products
+#: cover a different number of members' columns per call (all of them, or a thread's group), and
+#: OpenBLAS's float32 Haswell kernel rounds some columns differently with the width of the call
+#: (measured: 8.7e-7 normwise after these 4 steps; 0 with the SkylakeX kernel); ~10x above that.
+TOL_SPLIT_SHARED_FLOAT32 = 1e-5
+
+
 @pytest.mark.parametrize("batches_kind", ["shared", "per_member"])
-def test_numpy_trainer_with_threads_is_bit_identical(batches_kind, mnist):
-    """Members split over threads train exactly as in one thread with single-threaded BLAS (what
-    each thread uses): the members are independent."""
+def test_numpy_trainer_with_threads_trains_the_same_members(batches_kind, mnist):
+    """Members split over threads train as in one thread with single-threaded BLAS (what each
+    thread uses): the members are independent. Per-member batches: bit for bit. Shared batches:
+    the products that multiply a thread's members side by side may round differently from those
+    over all members (:data:`TOL_SPLIT_SHARED_FLOAT32`)."""
     train_x, train_y, _, _ = mnist
     images, labels = train_x[:256].astype(np.float32), train_y[:256]
     params, state = init_ensemble([0, 1, 2], np.float32)
@@ -396,4 +405,7 @@ def test_numpy_trainer_with_threads_is_bit_identical(batches_kind, mnist):
         with threadpool_limits(1, user_api="blas"):
             losses = trainer.epoch(batches, rates)
         trained.append((losses, trainer.params_numpy(), trainer.state_numpy()))
-    assert bit_equal(trained[0], trained[1])
+    if batches_kind == "per_member":
+        assert bit_equal(trained[0], trained[1])
+    else:
+        assert rel_err(trained[0], trained[1]) <= TOL_SPLIT_SHARED_FLOAT32
