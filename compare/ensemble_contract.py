@@ -272,3 +272,12 @@ def check_training_setup(
         bool(pool_members),
         int(ghost_batches),
     )
+
+
+def check_member_devices(devices: Any, n_members: int) -> int:
+    """``devices`` to split ``n_members`` members over: a positive integer that divides ``n_members``."""
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
+        raise InputError(f"devices must be a positive integer, got {devices!r}")
+    if n_members % devices:
+        raise InputError(f"devices must divide the number of members: {n_members} members over {devices} devices")
+    return int(devices)

@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare import ensemble_contract
+from compare.devices import checked_devices
 from jaxside.layers import BATCH_AXIS, cross_entropy
 from jaxside.model import batched_forward, check_float64_enabled, forward_pass, to_numpy
 from jaxside.train import sgd_momentum
@@ -199,6 +200,14 @@ class Trainer:
     learning rates come per step, ``(steps,)`` shared or ``(steps, M)`` per member. All of them are
     traced: a Trainer with other values but the same shapes reuses the compiled epoch
     (:func:`compile_count`).
+
+    ``devices = D`` splits the member axis over the first ``D`` devices (``D`` must divide ``M``):
+    the parameters, velocities, running statistics and per-member values are placed sharded along
+    their leading axis, the training set replicated, and ``jit`` partitions the same epoch program
+    (computation follows data). Unpooled members never talk to each other, so each device trains
+    its ``M / D`` members on its own; pooled statistics become an all-reduce across the devices.
+    On CPU, ``D`` host devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` before
+    JAX starts (:mod:`compare.devices`).
     """
 
     def __init__(
@@ -212,6 +221,7 @@ class Trainer:
         bn_momentum=None,
         pool_members: bool = False,
         ghost_batches: int = 1,
+        devices: int = 1,
     ):
         setup = ensemble_contract.check_training_setup(
             params,
@@ -232,6 +242,16 @@ class Trainer:
         self.images, self.labels = jax.device_put(setup.images), jax.device_put(setup.labels)
         self.momentum = jnp.asarray(setup.momentum)
         self.bn_momentum = jnp.asarray(setup.bn_momentum)
+        self.devices = ensemble_contract.check_member_devices(devices, self.n_members)
+        self._by_member = self._replicated = None
+        if self.devices > 1:
+            mesh = jax.sharding.Mesh(np.array(checked_devices(self.devices)), ("members",))
+            self._by_member = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("members"))
+            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self.params, self.velocity, self.state, self.momentum, self.bn_momentum = jax.device_put(
+                (self.params, self.velocity, self.state, self.momentum, self.bn_momentum), self._by_member
+            )
+            self.images, self.labels = jax.device_put((self.images, self.labels), self._replicated)
 
     def _epoch_args(self, batch_indices, learning_rates):
         batch_indices, rates = ensemble_contract.check_epoch(
@@ -240,21 +260,33 @@ class Trainer:
         ensemble_contract.check_ghost_batches(
             self.ghost_batches, batch_indices.shape[-1], self.pool_members, bool(self.state)
         )
+        batch_indices, rates = jnp.asarray(batch_indices, jnp.int32), jnp.asarray(rates, self.dtype)
+        if self.devices > 1:  # (steps, M, B) and (steps, M): the member axis is the second
+            spec = jax.sharding.PartitionSpec(None, "members")
+            per_member = jax.sharding.NamedSharding(self._by_member.mesh, spec)
+            batch_indices = jax.device_put(batch_indices, per_member if batch_indices.ndim == 3 else self._replicated)
+            rates = jax.device_put(rates, per_member)
         return (
             self.params,
             self.velocity,
             self.state,
             self.images,
             self.labels,
-            jnp.asarray(batch_indices, jnp.int32),
-            jnp.asarray(rates, self.dtype),
+            batch_indices,
+            rates,
             self.momentum,
             self.bn_momentum,
         )
 
     def _compiled(self, args):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        key = (tree, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves), self.pool_members, self.ghost_batches)
+        key = (
+            tree,
+            tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
+            self.pool_members,
+            self.ghost_batches,
+            self.devices,
+        )
         if key not in _COMPILED:
             statics = dict(pool_members=self.pool_members, ghost_batches=self.ghost_batches)
             _COMPILED[key] = _train_epoch_jit.lower(*args, **statics).compile()
