@@ -128,7 +128,49 @@ def main(out: str) -> None:
             r["indivisible_error"] = None
         except InputError as error:
             r["indivisible_error"] = str(error)
+    results["ensemble"] = ensemble_over_devices(train_x, train_y)
     Path(out).write_text(json.dumps(results, indent=1))
+
+
+def ensemble_over_devices(train_x, train_y) -> dict:
+    """``jaxside.ensemble.Trainer(devices=D)`` against ``devices=1``: 4 float64 members, 6 steps, each
+    kind of batch and pooled statistics; and the two refusals."""
+    from compare import training
+    from compare.contract import InputError
+    from compare.init import init_ensemble
+    from jaxside import ensemble
+
+    images, labels = train_x[:1024].astype(np.float64), train_y[:1024]
+    params, state = init_ensemble(range(4), np.float64)
+    rng = training.batch_rng(5)
+    orders = [training.epoch_batches(1024, 64, rng)[:6] for _ in range(4)]
+    kinds = {
+        "shared": (orders[0], {}),
+        "per_member": (np.stack(orders, 1), {}),
+        "pooled": (orders[0], {"pool_members": True}),
+    }
+    rates = np.linspace(0.05, 0.2, 4) * np.ones((6, 1))
+    found = {}
+    for kind, (batches, options) in kinds.items():
+        trained = {}
+        for d in (1, 2, 4):
+            trainer = ensemble.Trainer(
+                params, state, images, labels, momentum=[0.9, 0.8, 0.7, 0.0], devices=d, **options
+            )
+            losses = trainer.epoch(batches, rates)
+            trained[d] = (losses, trainer.params_numpy(), trainer.state_numpy())
+            if d > 1:
+                found[f"{kind}_D{d}_shards"] = len(trainer.params[0]["weight"].sharding.device_set)
+        for d in (2, 4):
+            found[f"{kind}_D{d}_vs_D1"] = max_diff(trained[d], trained[1])
+    eight = init_ensemble(range(8), np.float64)
+    for name, members, devices in (("not_dividing", (params, state), 3), ("too_many", eight, 8)):
+        try:
+            ensemble.Trainer(*members, images, labels, momentum=0.9, devices=devices)
+            found[f"{name}_error"] = None
+        except InputError as error:
+            found[f"{name}_error"] = str(error)
+    return found
 
 
 if __name__ == "__main__":

@@ -95,6 +95,26 @@ def test_batch_not_divisible_by_devices(device_checks):
     assert message is not None and "63 examples cannot be split evenly over 4 devices" in message
 
 
+#: An ensemble's members over D devices against one device, float64, 6 steps: the partitioned
+#: program sums the same terms except where XLA fuses a reduction differently, a few ulp that SGD
+#: carries (measured: at most 8.9e-16, pooled over 2 devices); 1e-13 is ~100x that.
+ENSEMBLE_OVER_DEVICES = 1e-13
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_member", "pooled"])
+@pytest.mark.parametrize("devices", [2, 4])
+def test_ensemble_members_over_devices_train_as_on_one(device_checks, kind, devices):
+    found = device_checks["ensemble"]
+    assert found[f"{kind}_D{devices}_shards"] == devices  # really split, not replicated
+    assert found[f"{kind}_D{devices}_vs_D1"] <= ENSEMBLE_OVER_DEVICES
+
+
+def test_ensemble_devices_are_checked(device_checks):
+    found = device_checks["ensemble"]
+    assert "devices must divide the number of members: 4 members over 3 devices" in found["not_dividing_error"]
+    assert "8 devices requested but JAX has only 4" in found["too_many_error"]
+
+
 # ------------------------------------------------------------------------------------------------
 # the NumPy mirror and the all-reduce counts (no devices needed)
 # ------------------------------------------------------------------------------------------------
