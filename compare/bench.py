@@ -310,11 +310,11 @@ class Setup:
 
 
 def numpy_runner(
-    setup: Setup, batches: np.ndarray, threads: int, *, backend: str, reference: bool = False, shared_pool=True
+    setup: Setup, batches: np.ndarray, threads: int, *, backend: str, reference: bool = False, shared_pool=False
 ):
     """The NumPy side's trainer on ``batches`` with ``threads`` threads (the reference ``Trainer``
-    gets them through OpenBLAS's thread count, the process's own); ``shared_pool=False``: the numba
-    FastTrainer with OpenBLAS on its own threads and the kernels on one (:mod:`numpyside.threads`)."""
+    gets them through OpenBLAS's thread count, the process's own); ``shared_pool=True``: the numba
+    FastTrainer with OpenBLAS's jobs and the kernels' parts on numba's threads (:mod:`numpyside.threads`)."""
     from numpyside.fast import FastTrainer
     from numpyside.train import Trainer
 
@@ -522,9 +522,9 @@ for _implementation in (
     ),
     Implementation(
         "numba",
-        "fast-own-threads",
-        "numba FastTrainer, OpenBLAS's own threads",
-        functools.partial(numpy_runner, backend="numba", shared_pool=False),
+        "fast-shared-pool",
+        "numba FastTrainer, OpenBLAS's jobs on numba's threads",
+        functools.partial(numpy_runner, backend="numba", shared_pool=True),
         dict(color="#ff7f0e", marker="D", linestyle=":", alpha=0.6),
         quick=False,
         min_threads=2,
@@ -765,6 +765,8 @@ def worker_environment(threads: int) -> dict:
     env[THREADS_VARIABLE] = str(threads)
     eigen = "false" if threads == 1 else "true"
     xla = f"--xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={threads}"
+    if threads > 1:  # one host device per core: the ensemble rows that split members over devices
+        xla += f" --xla_force_host_platform_device_count={threads}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla}".strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env

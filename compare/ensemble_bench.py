@@ -33,6 +33,8 @@ BENCH_LR = 0.01  # small and constant: the parameters stay sane over many repeat
 
 def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype: str, seed: int = 0) -> dict:
     """One callable per row; each trains one epoch of ``steps`` steps (all members) when called."""
+    import jax
+
     from compare.init import init_ensemble, init_params, init_state
     from jaxside import ensemble as jax_ensemble
     from jaxside.train import Trainer as JaxTrainer
@@ -66,6 +68,16 @@ def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype:
         "jax ensemble, same batches": epoch_of(jax_ensemble.Trainer(params, state, images, labels, **options), shared),
         "jax ensemble, independent batches": epoch_of(
             jax_ensemble.Trainer(params, state, images, labels, **options), independent
+        ),
+        **(
+            {
+                f"jax ensemble, {kind} batches, {devices} devices over members": epoch_of(
+                    jax_ensemble.Trainer(params, state, images, labels, devices=devices, **options), batches
+                )
+                for kind, batches in (("same", shared), ("independent", independent))
+            }
+            if (devices := min(jax.device_count(), 2)) > 1 and members % devices == 0
+            else {}
         ),
         f"jax single x {members}": one_after_another(lambda p, s: JaxTrainer(p, s, images, labels, **options)),
         "numpy ensemble, same batches": epoch_of(

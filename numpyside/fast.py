@@ -145,10 +145,11 @@ class FastTrainer:
         self.whole_epoch = backend == "numba" and blas.available()
         #: cores an epoch (and ``predict``) may use: NumPy's OpenBLAS is held to this many threads
         self.threads = threads.default_count()
-        #: with ``threads >= 2`` and a whole epoch per call: OpenBLAS's jobs and the kernels' parts on
-        #: the same numba threads (:func:`numpyside.threads.limited`) where possible; False: OpenBLAS
-        #: on its own threads, the kernels on one
-        self.shared_pool = True
+        #: with ``threads >= 2``: False (default), OpenBLAS splits the products on its own threads and
+        #: the kernels run on one; True (a whole epoch per call): OpenBLAS's jobs and the kernels'
+        #: parts on the same numba threads (:func:`numpyside.threads.limited`), more fork-join points
+        #: per step (``docs/performance.md``: slower, idle and under load, since the kernels vectorise)
+        self.shared_pool = False
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer

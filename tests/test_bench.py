@@ -113,7 +113,7 @@ def test_registry_of_rows():
     quick = {i.key for i in bench.selected(bench.IMPLS, quick=True, threads=1)}
     full_two = {i.key for i in bench.selected(bench.IMPLS, quick=False, threads=2)}
     assert ("numba", "reference") not in quick and ("numba", "reference") in full_two
-    assert ("numba", "fast-own-threads") in full_two - {
+    assert ("numba", "fast-shared-pool") in full_two - {
         i.key for i in bench.selected(bench.IMPLS, quick=False, threads=1)
     }
     assert {i.impl for i in bench.selected(bench.IMPLS, quick=True, threads=1, epoch=True)} == set(bench.IMPLS)
