@@ -765,8 +765,9 @@ def worker_environment(threads: int) -> dict:
     env[THREADS_VARIABLE] = str(threads)
     eigen = "false" if threads == 1 else "true"
     xla = f"--xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={threads}"
-    if threads > 1:  # one host device per core: the ensemble rows that split members over devices
-        xla += f" --xla_force_host_platform_device_count={threads}"
+    if threads > 1:  # one host device per core, for the ensemble rows that split members over devices;
+        # first: XLA stops reading its flags at the bare word ``intra_op_parallelism_threads=``
+        xla = f"--xla_force_host_platform_device_count={threads} {xla}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla}".strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
