@@ -30,6 +30,21 @@ from numpyside.train import Trainer
 _ALIGN_BYTES = 64
 
 
+def flat_blocks(shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One zeroed flat buffer holding an array of each of ``shapes``, each starting at a multiple of
+    64 bytes; returns the buffer and the arrays (views of it), by name."""
+    align = _ALIGN_BYTES // dtype.itemsize
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += -(-int(np.prod(shape)) // align) * align
+    flat = np.zeros(total, dtype)
+    views = {
+        name: flat[offsets[name] : offsets[name] + int(np.prod(shape))].reshape(shape) for name, shape in shapes.items()
+    }
+    return flat, views
+
+
 class _Blocks:
     """All parameters (or all velocities, or all gradients) in ONE flat buffer, as blocks that
     stack the layers of equal shape:
@@ -52,14 +67,9 @@ class _Blocks:
             "b": (len(sizes) - 2, n),
             "b_out": (sizes[-1],),
         }
-        align = _ALIGN_BYTES // dtype.itemsize
-        offsets, total = {}, 0
-        for name, shape in shapes.items():
-            offsets[name] = total
-            total += -(-int(np.prod(shape)) // align) * align
-        self.flat = np.zeros(total, dtype)
-        for name, shape in shapes.items():
-            setattr(self, name, self.flat[offsets[name] : offsets[name] + int(np.prod(shape))].reshape(shape))
+        self.flat, views = flat_blocks(shapes, dtype)
+        for name, view in views.items():
+            setattr(self, name, view)
         self.tree = []
         for i in range(len(sizes) - 2):
             layer = {"weight": self.w0 if i == 0 else self.w_hidden[i - 1]}

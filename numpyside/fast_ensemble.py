@@ -27,10 +27,9 @@ import numpy as np
 
 from compare import contract, ensemble_contract
 from compare.contract import BN_EPS, DEFAULT_BACKEND, InputError, check_backend
-from numpyside import blas, ensemble, fused_ensemble, threads
-from numpyside.fused_ensemble import MemberActivations, MemberLayers, MemberSettings
-
-_ALIGN_BYTES = 64
+from numpyside import blas, ensemble, fused, fused_ensemble, threads
+from numpyside.fast import flat_blocks
+from numpyside.fused_ensemble import MemberLayers, MemberSettings
 
 
 class _MemberBlocks:
@@ -48,16 +47,7 @@ class _MemberBlocks:
             "b": (n_hidden, n_members * n),
             "b_out": (n_members, n_out),
         }
-        align = _ALIGN_BYTES // dtype.itemsize
-        offsets, total = {}, 0
-        for name, shape in shapes.items():
-            offsets[name] = total
-            total += -(-int(np.prod(shape)) // align) * align
-        self.flat = np.zeros(total, dtype)
-        views = {
-            name: self.flat[offsets[name] : offsets[name] + int(np.prod(shape))].reshape(shape)
-            for name, shape in shapes.items()
-        }
+        self.flat, views = flat_blocks(shapes, dtype)
         self.layers = MemberLayers(**views)
         m = n_members
         #: every parameter once, as (outer, M, inner) views for the per-member SGD
@@ -106,7 +96,7 @@ class _Group:
         new = setup.bn_momentum[members]
         self.keep, self.new = (dtype.type(1) - new).astype(dtype), new.astype(dtype)
         self.momentum = setup.momentum[members].astype(dtype)
-        self._buffers: dict[int, MemberActivations] = {}
+        self._buffers: dict[int, fused.Activations] = {}
 
     def state_views(self) -> list[dict[str, np.ndarray]]:
         m = self.n_members
@@ -115,14 +105,14 @@ class _Group:
             for i in range(len(self.running_mean))
         ]
 
-    def buffers(self, batch: int) -> MemberActivations:
+    def buffers(self, batch: int) -> fused.Activations:
         """The step buffers for batch size ``batch``."""
         key = batch
         if key not in self._buffers:
             sizes, dtype = contract.LAYER_SIZES, self.dtype
             n_hidden, width = len(sizes) - 2, self.n_members * sizes[1]
             empty = lambda *shape: np.empty(shape, dtype)  # noqa: E731
-            self._buffers[key] = MemberActivations(
+            self._buffers[key] = fused.Activations(
                 x=empty(batch, sizes[0]),
                 y=np.empty(batch, np.int32),
                 z=empty(n_hidden, batch, width),

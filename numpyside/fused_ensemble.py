@@ -43,25 +43,6 @@ class MemberLayers(NamedTuple):
     b_out: np.ndarray
 
 
-class MemberActivations(NamedTuple):
-    """One step's buffers: ``x`` (B, 784) and ``y`` (B,) a gathered batch (the shared one, or each
-    member's in turn); ``z, s, x_hat, ds, d`` (3, B, M n); ``mean, var, inv_std`` (3, M n);
-    ``logits, dlogits`` (M, B, 10)."""
-
-    x: np.ndarray
-    y: np.ndarray
-    z: np.ndarray
-    s: np.ndarray
-    x_hat: np.ndarray
-    mean: np.ndarray
-    var: np.ndarray
-    inv_std: np.ndarray
-    ds: np.ndarray
-    d: np.ndarray
-    logits: np.ndarray
-    dlogits: np.ndarray
-
-
 class MemberSettings(NamedTuple):
     """``eps`` and ``unbias = B / (B - 1)`` (scalars); per member (M,): the running statistics'
     ``keep = 1 - bn_momentum`` and ``new = bn_momentum``, and SGD's ``momentum``."""
@@ -132,7 +113,10 @@ def train_steps(epoch, act, p, g, p_sgd, v_sgd, g_sgd, running_mean, running_var
     reverse down to layer 0 (its ``dW_0`` too, per-member batches); with a shared batch, layer 0's
     ``dW_0`` of all members as one ``gemm``; SGD per member over ``p_sgd, v_sgd, g_sgd`` (tuples
     of ``(outer, M, inner)`` views). ``p, g`` are :class:`MemberLayers`, ``running_*`` (3, M n),
-    ``c`` :class:`MemberSettings`.
+    ``c`` :class:`MemberSettings`; ``act`` the single model's :class:`numpyside.fused.Activations`
+    with the members side by side: ``x`` (B, 784) and ``y`` (B,) one gathered batch (the shared one,
+    or each member's in turn), ``z, s, x_hat, ds, d`` (3, B, M n), ``mean, var, inv_std`` (3, M n),
+    ``logits, dlogits`` (M, B, 10).
     """
     n_hidden, n_rows, width = act.z.shape
     n_members, n_in = act.logits.shape[0], act.x.shape[1]
