@@ -175,6 +175,44 @@ def sigmoid_bias_backward(ds, s, d, dbias, lo, hi):
 
 
 @_jit
+def hidden_forward(act, p, running_mean, running_var, i, eps, keep, new, unbias, batch_norm, lo, hi):
+    """Hidden layer ``i`` after its product, features ``lo <= j < hi``: :func:`bn_sigmoid_forward`
+    (batch norm + running statistics + sigmoid) or, without batch norm, :func:`bias_sigmoid_forward`;
+    ``act``, ``p`` as in :func:`train_steps`."""
+    if batch_norm:
+        bn_sigmoid_forward(
+            act.z[i],
+            p.a[i],
+            p.b[i],
+            eps,
+            running_mean[i],
+            running_var[i],
+            keep,
+            new,
+            unbias,
+            act.mean[i],
+            act.var[i],
+            act.inv_std[i],
+            act.x_hat[i],
+            act.s[i],
+            lo,
+            hi,
+        )
+    else:
+        bias_sigmoid_forward(act.z[i], p.a[i], act.s[i], lo, hi)
+
+
+@_jit
+def hidden_backward(act, p, g, i, batch_norm, lo, hi):
+    """Backward of :func:`hidden_forward` from ``act.ds[i]`` into ``act.d[i]`` and the gradients
+    ``g.a[i]``, ``g.b[i]``, features ``lo <= j < hi``."""
+    if batch_norm:
+        sigmoid_bn_backward(act.ds[i], act.s[i], act.x_hat[i], p.a[i], act.inv_std[i], act.d[i], g.a[i], g.b[i], lo, hi)
+    else:
+        sigmoid_bias_backward(act.ds[i], act.s[i], act.d[i], g.a[i], lo, hi)
+
+
+@_jit
 def bias_softmax_cross_entropy(logits, bias, labels, dlogits, dbias):
     """Output bias, loss, and the loss's gradients w.r.t. the logits and the bias.
 
@@ -374,27 +412,7 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
             matmul(x if i == 0 else s[i - 1], p.w0 if i == 0 else p.w_hidden[i - 1], z[i])
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
-                if batch_norm:
-                    bn_sigmoid_forward(
-                        z[i],
-                        p.a[i],
-                        p.b[i],
-                        c.eps,
-                        running_mean[i],
-                        running_var[i],
-                        c.keep,
-                        c.new,
-                        c.unbias,
-                        act.mean[i],
-                        act.var[i],
-                        act.inv_std[i],
-                        act.x_hat[i],
-                        s[i],
-                        lo,
-                        hi,
-                    )
-                else:
-                    bias_sigmoid_forward(z[i], p.a[i], s[i], lo, hi)
+                hidden_forward(act, p, running_mean, running_var, i, c.eps, c.keep, c.new, c.unbias, batch_norm, lo, hi)
         matmul(s[last], p.w_out, act.logits)
         epoch.losses[k] = bias_softmax_cross_entropy(act.logits, p.b_out, act.y, act.dlogits, g.b_out)
         matmul_tn(s[last], act.dlogits, g.w_out)
@@ -402,10 +420,7 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
         for i in range(last, -1, -1):
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
-                if batch_norm:
-                    sigmoid_bn_backward(ds[i], s[i], act.x_hat[i], p.a[i], act.inv_std[i], d[i], g.a[i], g.b[i], lo, hi)
-                else:
-                    sigmoid_bias_backward(ds[i], s[i], d[i], g.a[i], lo, hi)
+                hidden_backward(act, p, g, i, batch_norm, lo, hi)
             if i == 0:
                 matmul_tn(x, d[0], g.w0)
             else:

@@ -141,39 +141,16 @@ def train_steps(epoch, act, p, g, p_sgd, v_sgd, g_sgd, running_mean, running_var
                     gemm(NO, NO, n_rows, n, n_in, x, 0, n_in, p.w0, lo, width, z, lo, width)
                 elif i > 0:
                     gemm(NO, NO, n_rows, n, n, s[i - 1], lo, width, p.w_hidden[i - 1, m], 0, n, z[i], lo, width)
-                if batch_norm:
-                    fused.bn_sigmoid_forward(
-                        z[i],
-                        p.a[i],
-                        p.b[i],
-                        c.eps,
-                        running_mean[i],
-                        running_var[i],
-                        c.keep[m],
-                        c.new[m],
-                        c.unbias,
-                        act.mean[i],
-                        act.var[i],
-                        act.inv_std[i],
-                        act.x_hat[i],
-                        s[i],
-                        lo,
-                        hi,
-                    )
-                else:
-                    fused.bias_sigmoid_forward(z[i], p.a[i], s[i], lo, hi)
+                fused.hidden_forward(
+                    act, p, running_mean, running_var, i, c.eps, c.keep[m], c.new[m], c.unbias, batch_norm, lo, hi
+                )
             logits, dlogits, w_out = act.logits[m], act.dlogits[m], p.w_out[m]
             gemm(NO, NO, n_rows, n_classes, n, s[last], lo, width, w_out, 0, n_classes, logits, 0, n_classes)
             epoch.losses[k, m] = fused.bias_softmax_cross_entropy(logits, p.b_out[m], act.y, dlogits, g.b_out[m])
             gemm(T, NO, n, n_classes, n_rows, s[last], lo, width, dlogits, 0, n_classes, g.w_out[m], 0, n_classes)
             gemm(NO, T, n_rows, n, n_classes, dlogits, 0, n_classes, w_out, 0, n_classes, ds[last], lo, width)
             for i in range(last, -1, -1):
-                if batch_norm:
-                    fused.sigmoid_bn_backward(
-                        ds[i], s[i], act.x_hat[i], p.a[i], act.inv_std[i], d[i], g.a[i], g.b[i], lo, hi
-                    )
-                else:
-                    fused.sigmoid_bias_backward(ds[i], s[i], d[i], g.a[i], lo, hi)
+                fused.hidden_backward(act, p, g, i, batch_norm, lo, hi)
                 if i == 0 and not shared:
                     gemm(T, NO, n_in, n, n_rows, x, 0, n_in, d[0], lo, width, g.w0, lo, width)
                 elif i > 0:
