@@ -29,12 +29,12 @@ from compare import contract, ensemble_contract
 from compare.contract import BN_EPS, DEFAULT_BACKEND, InputError, check_backend
 from numpyside import blas, ensemble, fused, fused_ensemble, threads
 from numpyside.fast import flat_blocks
-from numpyside.fused_ensemble import MemberLayers, MemberSettings
+from numpyside.fused_ensemble import MemberSettings
 
 
 class _MemberBlocks:
     """The parameters (or velocities, or gradients) of a group of ``M`` members in ONE flat buffer,
-    in the layout of :class:`numpyside.fused_ensemble.MemberLayers`."""
+    as :class:`numpyside.fused.Layers` with the members side by side (:mod:`numpyside.fused_ensemble`)."""
 
     def __init__(self, n_members: int, dtype: np.dtype):
         sizes = contract.LAYER_SIZES
@@ -48,7 +48,7 @@ class _MemberBlocks:
             "b_out": (n_members, n_out),
         }
         self.flat, views = flat_blocks(shapes, dtype)
-        self.layers = MemberLayers(**views)
+        self.layers = fused.Layers(**views, flat=self.flat)
         m = n_members
         #: every parameter once, as (outer, M, inner) views for the per-member SGD
         self.sgd = (

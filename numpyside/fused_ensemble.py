@@ -29,20 +29,6 @@ from numpyside import blas, fused
 _jit = fused._jit  # one set of numba options for every fused kernel
 
 
-class MemberLayers(NamedTuple):
-    """Parameters (or their gradients, or velocities) of ``M`` members: ``w0`` (784, M n), ``w_hidden``
-    (2, M, n, n), ``w_out`` (M, n, 10), ``a`` (3, M n) gamma (or bias), ``b`` (3, M n) beta,
-    ``b_out`` (M, 10). For SGD, the same memory with the member axis second: ``sgd_blocks``, a
-    tuple of ``(outer, M, inner)`` views covering every parameter once."""
-
-    w0: np.ndarray
-    w_hidden: np.ndarray
-    w_out: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
-    b_out: np.ndarray
-
-
 class MemberSettings(NamedTuple):
     """``eps`` and ``unbias = B / (B - 1)`` (scalars); per member (M,): the running statistics'
     ``keep = 1 - bn_momentum`` and ``new = bn_momentum``, and SGD's ``momentum``."""
@@ -112,7 +98,9 @@ def train_steps(epoch, act, p, g, p_sgd, v_sgd, g_sgd, running_mean, running_var
     every hidden layer on its columns, the output layer, softmax and loss, and the backward in
     reverse down to layer 0 (its ``dW_0`` too, per-member batches); with a shared batch, layer 0's
     ``dW_0`` of all members as one ``gemm``; SGD per member over ``p_sgd, v_sgd, g_sgd`` (tuples
-    of ``(outer, M, inner)`` views). ``p, g`` are :class:`MemberLayers`, ``running_*`` (3, M n),
+    of ``(outer, M, inner)`` views). ``p, g`` are the single model's :class:`numpyside.fused.Layers`
+    with the members side by side (``w0`` (784, M n), ``w_hidden`` (2, M, n, n), ``w_out``
+    (M, n, 10), ``a, b`` (3, M n), ``b_out`` (M, 10)), ``running_*`` (3, M n),
     ``c`` :class:`MemberSettings`; ``act`` the single model's :class:`numpyside.fused.Activations`
     with the members side by side: ``x`` (B, 784) and ``y`` (B,) one gathered batch (the shared one,
     or each member's in turn), ``z, s, x_hat, ds, d`` (3, B, M n), ``mean, var, inv_std`` (3, M n),
