@@ -117,12 +117,17 @@ def check_ensemble_batch(images: Any, labels: Any | None, n_members: int, dtype:
     return images, checked, per_member
 
 
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (not a bool); else an InputError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_ghost_batches(ghost_batches: Any, batch_size: int, pool_members: bool, batch_norm: bool = True) -> int:
     """``G`` must be a positive integer that divides ``B``; with batch norm, at least 2 examples per
     ghost batch (the variance of one is undefined)."""
-    if isinstance(ghost_batches, bool) or not isinstance(ghost_batches, (int, np.integer)) or ghost_batches < 1:
-        raise InputError(f"ghost_batches must be a positive integer, got {ghost_batches!r}")
-    ghost_batches = int(ghost_batches)
+    ghost_batches = check_positive_int(ghost_batches, "ghost_batches")
     if batch_size % ghost_batches:
         raise InputError(
             f"ghost_batches={ghost_batches} does not divide the batch size {batch_size}: ghost batches are "
@@ -260,8 +265,7 @@ def check_training_setup(
         )
     if not isinstance(pool_members, (bool, np.bool_)):
         raise InputError(f"pool_members must be True or False, got {pool_members!r}")
-    if isinstance(ghost_batches, bool) or not isinstance(ghost_batches, (int, np.integer)) or ghost_batches < 1:
-        raise InputError(f"ghost_batches must be a positive integer, got {ghost_batches!r}")
+    check_positive_int(ghost_batches, "ghost_batches")
     return TrainingSetup(
         n_members,
         dtype,
@@ -276,8 +280,7 @@ def check_training_setup(
 
 def check_member_devices(devices: Any, n_members: int) -> int:
     """``devices`` to split ``n_members`` members over: a positive integer that divides ``n_members``."""
-    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
-        raise InputError(f"devices must be a positive integer, got {devices!r}")
+    devices = check_positive_int(devices, "devices")
     if n_members % devices:
         raise InputError(f"devices must divide the number of members: {n_members} members over {devices} devices")
-    return int(devices)
+    return devices

@@ -22,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from compare import ensemble_contract
-from compare.contract import DEFAULT_BACKEND, InputError, check_backend
+from compare.contract import DEFAULT_BACKEND, check_backend
 from numpyside.ensemble_layers import (
     batchnorm_backward,
     batchnorm_eval,
@@ -244,8 +244,7 @@ class Trainer:
         threads: int = 1,
     ):
         check_backend(backend)
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        threads = ensemble_contract.check_positive_int(threads, "threads")
         setup = ensemble_contract.check_training_setup(
             params,
             state,

@@ -130,8 +130,7 @@ class _Group:
 
     def train(self, images, labels, indices: np.ndarray, rates: np.ndarray) -> np.ndarray:
         """Train the group on ``indices`` (steps, S, B) with ``rates`` (steps, M); the losses."""
-        batch = indices.shape[2]
-        steps = indices.shape[0]
+        steps, _, batch = indices.shape
         losses = np.empty((steps, self.n_members), self.dtype)
         unbias = self.dtype.type(batch / (batch - 1)) if batch > 1 else self.dtype.type(np.nan)
         settings = MemberSettings(self.dtype.type(BN_EPS), unbias, self.keep, self.new, self.momentum)
@@ -271,8 +270,4 @@ class FastEnsembleTrainer:
 
 def threads_count(value) -> int:
     """``None``: :func:`numpyside.threads.default_count`; else a positive integer."""
-    if value is None:
-        return threads.default_count()
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"threads must be a positive integer, got {value!r}")
-    return int(value)
+    return threads.default_count() if value is None else ensemble_contract.check_positive_int(value, "threads")
