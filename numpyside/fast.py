@@ -158,7 +158,7 @@ class FastTrainer:
         #: with ``threads >= 2``: False (default), OpenBLAS splits the products on its own threads and
         #: the kernels run on one; True (a whole epoch per call): OpenBLAS's jobs and the kernels'
         #: parts on the same numba threads (:func:`numpyside.threads.limited`), more fork-join points
-        #: per step (``docs/performance.md``: slower, idle and under load, since the kernels vectorise)
+        #: per step (``docs/performance.md``, "Two threads": no consistent gain since the kernels vectorise)
         self.shared_pool = False
 
     # ----------------------------------------------------------------------------------------
