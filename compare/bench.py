@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # run as `python compare/bench.py`: make the repo
 
 import numpy as np
 
-from compare import contract, training
+from compare import contract
+from compare.contract import training
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("jax", "numpy", "numba", "torch")
@@ -819,7 +820,7 @@ def thread_settings(threads: int) -> dict:
 
 def worker(args) -> int:
     """The rows of one thread count, written to ``args.worker_out``."""
-    from compare.init import init_params, init_state
+    from compare.contract.init import init_params, init_state
     from compare.mnist import load_mnist
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwinds: the load is ended

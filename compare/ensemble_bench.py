@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python compare/ensemble_bench.py`
 
 import numpy as np
 
-from compare import training
+from compare.contract import training
 
 BENCH_LR = 0.01  # small and constant: the parameters stay sane over many repeats
 
@@ -35,7 +35,7 @@ def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype:
     """One callable per row; each trains one epoch of ``steps`` steps (all members) when called."""
     import jax
 
-    from compare.init import init_ensemble, init_params, init_state
+    from compare.contract.init import init_ensemble, init_params, init_state
     from jaxside import ensemble as jax_ensemble
     from jaxside.train import Trainer as JaxTrainer
     from numpyside import ensemble as numpy_ensemble

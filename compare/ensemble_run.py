@@ -18,8 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from compare import training
-from compare.init import init_ensemble, init_params, init_state
+from compare.contract import training
+from compare.contract.init import init_ensemble, init_params, init_state
 
 #: Member 0 of the ensemble against the single model trained alone (max |p_ens - p_single|). In
 #: float64 the two programs differ only in how the products and sums are batched: rounding, which

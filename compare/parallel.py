@@ -283,8 +283,8 @@ def _precomputed_side(train_logits, step, predict_logits, title):
 def compare_sharded(args, mesh, data, console, leader: bool, parallel) -> int:
     """The sharded JAX side against the NumPy side (the usual tables) and against one device."""
     from compare import report as report_module
-    from compare import training
-    from compare.init import init_params, init_state
+    from compare.contract import training
+    from compare.contract.init import init_params, init_state
     from compare.sides import jax_side, numpy_side
     from compare.step0 import step0_rows
 

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compare.contract import N_INPUTS
-from compare.init import init_params, init_state
+from compare.contract.init import init_params, init_state
 from compare.jaxpr import FORWARD, by_direction, highlighted, is_named_collective, phrase
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_rel_err
 from compare.mnist import load_mnist

@@ -28,8 +28,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compare import contract, ensemble_run, training
+from compare import ensemble_run
+from compare.contract import training
 from compare.metrics import RELATIVE_ERROR_FORMULA
+from numpyside import backend
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 4096, 1000, 2
 
@@ -85,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
     parser.add_argument(
         "--backend",
-        choices=contract.BACKENDS,
-        default=contract.DEFAULT_BACKEND,
+        choices=backend.BACKENDS,
+        default=backend.DEFAULT_BACKEND,
         help="kernels of the NumPy side (default %(default)s)",
     )
     parser.add_argument(
@@ -302,7 +304,7 @@ def main(argv=None) -> int:
     console = Console()
     wall_start = time.perf_counter()
     from compare import report as report_module
-    from compare.init import init_params, init_state
+    from compare.contract.init import init_params, init_state
     from compare.sides import jax_side, numpy_side
     from compare.step0 import step0_rows
 

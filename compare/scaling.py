@@ -33,8 +33,8 @@ def throughput(args, mesh, data) -> dict:
     process also the single-device ``jaxside.train.Trainer`` on the same batches."""
     import jax
 
-    from compare import training
-    from compare.init import init_params, init_state
+    from compare.contract import training
+    from compare.contract.init import init_params, init_state
     from jaxside import parallel
 
     train_x, train_y, _, _ = data

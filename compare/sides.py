@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from compare.contract import DEFAULT_BACKEND
+from numpyside.backend import DEFAULT_BACKEND
 
 JAX_MODELS = ("pmean", "equinox")
 

@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 
-from compare.init import init_params, init_state
+from compare.contract.init import init_params, init_state
 from numpyside.parallel import BACKWARD, BATCH_NORM, END, FORWARD, LOSS_AND_GRADIENTS, AllReduce
 
 

@@ -1,5 +1,5 @@
 """An ensemble of ``M`` batch-normed models in one program: the per-example ``forward_pass``, unchanged,
-under nested ``vmap``s. Mirror: :mod:`numpyside.ensemble`; layout and checks: :mod:`compare.ensemble_contract`.
+under nested ``vmap``s. Mirror: :mod:`numpyside.ensemble`; layout and checks: :mod:`compare.contract.ensemble`.
 
 * outer ``vmap`` over members, ``axis_name="member"`` (stacked parameters, state and momenta);
 * a ``vmap`` over ghost batches, ``axis_name="ghost"`` (``G`` sub-batches of consecutive examples);
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from compare import ensemble_contract
+from compare.contract import ensemble as ensemble_contract
 from compare.devices import checked_devices
 from jaxside.layers import BATCH_AXIS, cross_entropy
 from jaxside.model import batched_forward, check_float64_enabled, forward_pass, to_numpy

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from compare import ensemble_contract
+from compare.contract import ensemble as ensemble_contract
 from jaxside.equinox_model import DEBIAS_OFF_COUNTER, MLP
 from jaxside.layers import BATCH_AXIS
 from jaxside.model import check_float64_enabled

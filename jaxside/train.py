@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from compare import contract, training
+from compare import contract
+from compare.contract import training
 from jaxside.model import batch_loss_and_grads, check_inputs, eval_logits, to_numpy
 
 
 def sgd_momentum(params, velocity, grads, lr, momentum):
-    """``v <- momentum * v + g``; ``p <- p - lr * v`` (see :mod:`compare.training`)."""
+    """``v <- momentum * v + g``; ``p <- p - lr * v`` (see :mod:`compare.contract.training`)."""
     velocity = jax.tree_util.tree_map(lambda v, g: momentum * v + g, velocity, grads)
     params = jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity)
     return params, velocity
@@ -174,7 +175,7 @@ def train(params, state, data, *, epochs, batch_size, lr, momentum, seed, progre
 
 
 def main(argv=None) -> int:
-    from compare.init import init_params, init_state
+    from compare.contract.init import init_params, init_state
 
     jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
     from compare.mnist import load_mnist

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from compare import ensemble_contract
-from compare.contract import DEFAULT_BACKEND, check_backend
+from compare.contract import ensemble as ensemble_contract
+from numpyside.backend import DEFAULT_BACKEND, check_backend
 from numpyside.ensemble_layers import (
     batchnorm_backward,
     batchnorm_eval,

@@ -23,7 +23,8 @@ import numpy as np
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
 from numpyside import blas, fused, threads
-from numpyside.model import DEFAULT_BACKEND, forward
+from numpyside.backend import DEFAULT_BACKEND, check_backend
+from numpyside.model import forward
 from numpyside.train import Trainer
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.
@@ -123,7 +124,7 @@ class FastTrainer:
     fused kernels. One ``epoch()`` per call."""
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
-        contract.check_backend(backend)
+        check_backend(backend)
         batch_norm, dtype, self.images, self.labels = contract.check_training_set(
             params, state, train_images, train_labels
         )

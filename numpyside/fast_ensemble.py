@@ -25,9 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from compare import contract, ensemble_contract
-from compare.contract import BN_EPS, DEFAULT_BACKEND, InputError, check_backend
+from compare import contract
+from compare.contract import BN_EPS, InputError
+from compare.contract import ensemble as ensemble_contract
 from numpyside import blas, ensemble, fused, fused_ensemble, threads
+from numpyside.backend import DEFAULT_BACKEND, check_backend
 from numpyside.fast import flat_blocks
 from numpyside.fused_ensemble import MemberSettings
 

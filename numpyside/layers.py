@@ -19,8 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from compare.contract import BN_EPS, DEFAULT_BACKEND
+from compare.contract import BN_EPS
 from numpyside import kernels
+from numpyside.backend import DEFAULT_BACKEND
 
 
 def _c(array: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from compare import contract
-from compare.contract import BN_MOMENTUM, DEFAULT_BACKEND, check_backend
+from compare.contract import BN_MOMENTUM
+from numpyside.backend import DEFAULT_BACKEND, check_backend
 from numpyside.layers import (
     batchnorm_backward,
     batchnorm_eval,

@@ -12,12 +12,12 @@ import time
 import numpy as np
 
 from compare import contract
-from compare.contract import DEFAULT_BACKEND
+from numpyside.backend import DEFAULT_BACKEND
 from numpyside.model import batch_loss_and_grads, check_inputs, eval_logits
 
 
 def sgd_momentum(params, velocity, grads, lr, momentum) -> None:
-    """``v <- momentum * v + g``; ``p <- p - lr * v`` (see :mod:`compare.training`), in place."""
+    """``v <- momentum * v + g``; ``p <- p - lr * v`` (see :mod:`compare.contract.training`), in place."""
     for p_layer, v_layer, g_layer in zip(params, velocity, grads):
         for key, p in p_layer.items():
             v = v_layer[key]

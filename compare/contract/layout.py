@@ -1,4 +1,4 @@
-"""The shared contract of both sides: layer sizes, the parameter layout, and the input checks.
+"""The parameter layout both sides share: layer sizes, the arrays of ``params`` and ``state``, the input checks.
 
 ``params`` is a list of 4 layer dicts, the same arrays for either side::
 
@@ -10,7 +10,7 @@
 dicts ``{"mean": (100,), "var": (100,)}``, batch norm's running statistics; ``[]`` with batch norm off.
 
 Every public entry point of both sides (``model``, ``train``, ``equinox_model``) validates once,
-through :func:`check_inputs` (and :func:`check_backend` on the NumPy side): bad input is refused
+through :func:`check_inputs` (the NumPy side adds its backend check, :mod:`numpyside.backend`): bad input is refused
 with an :class:`InputError` that names the problem; past that boundary the layers trust their input.
 """
 
@@ -33,10 +33,6 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-#: The NumPy side's kernels for the elementwise and reduction work (the products are BLAS either way).
-BACKENDS = ("numpy", "numba")
-DEFAULT_BACKEND = "numba"
 
 
 class InputError(ValueError):
@@ -167,12 +163,6 @@ def check_training_batch_size(batch_size: int) -> None:
             f"batch norm in training mode needs a batch of at least 2 examples, got {batch_size}: "
             "the batch variance of a single example is undefined (and the unbiased running variance divides by n - 1)"
         )
-
-
-def check_backend(backend: str) -> None:
-    """The NumPy side's kernel choice: one of :data:`BACKENDS`."""
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_inputs(
