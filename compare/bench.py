@@ -315,7 +315,7 @@ def numpy_runner(
 ):
     """The NumPy side's trainer on ``batches`` with ``threads`` threads (the reference ``Trainer``
     gets them through OpenBLAS's thread count, the process's own); ``shared_pool=True``: the numba
-    FastTrainer with OpenBLAS's jobs and the kernels' parts on numba's threads (:mod:`numpyside.threads`)."""
+    FastTrainer with OpenBLAS's jobs and the kernels' parts on numba's threads (:mod:`numpyside.kernels.threads`)."""
     from numpyside.fast import FastTrainer
     from numpyside.train import Trainer
 
@@ -761,7 +761,7 @@ def worker_environment(threads: int) -> dict:
     env = dict(os.environ)
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[name] = str(threads)
-    from numpyside.threads import THREADS_VARIABLE
+    from numpyside.kernels.threads import THREADS_VARIABLE
 
     env[THREADS_VARIABLE] = str(threads)
     eigen = "false" if threads == 1 else "true"

@@ -39,8 +39,8 @@ def runners(images, labels, *, members: int, batch_size: int, steps: int, dtype:
     from jaxside import ensemble as jax_ensemble
     from jaxside.train import Trainer as JaxTrainer
     from numpyside import ensemble as numpy_ensemble
+    from numpyside.ensemble.fast import FastEnsembleTrainer
     from numpyside.fast import FastTrainer
-    from numpyside.fast_ensemble import FastEnsembleTrainer
 
     params, state = init_ensemble(range(seed, seed + members), dtype)
     rng = np.random.default_rng(seed)

@@ -97,9 +97,7 @@ def run_ensemble(args: argparse.Namespace, data, console: Console) -> dict:
     from compare.run import DISAGREEMENT_TOLERANCE, DRIFT_TOLERANCE
     from compare.sides import jax_side, numpy_side
     from jaxside import ensemble as jax_ensemble
-    from numpyside import blas
     from numpyside import ensemble as numpy_ensemble
-    from numpyside.fast_ensemble import FastEnsembleTrainer
 
     train_x, train_y, test_x, test_y = data
     n_members, batch_norm = args.ensemble, not args.no_batch_norm
@@ -107,8 +105,12 @@ def run_ensemble(args: argparse.Namespace, data, console: Console) -> dict:
     independent = args.ensemble_batches == "independent"
     params, state = init_ensemble(seeds, args.dtype, batch_norm)
     options = dict(momentum=args.momentum, pool_members=args.pool_members, ghost_batches=args.ghost_batches)
-    fast = not (args.reference_trainer or args.pool_members or args.ghost_batches != 1 or args.backend != "numba")
-    numpy_trainer = FastEnsembleTrainer if fast and blas.available() else numpy_ensemble.Trainer
+    numpy_trainer = numpy_ensemble.trainer_class(
+        fast=not args.reference_trainer,
+        backend=args.backend,
+        pool_members=args.pool_members,
+        ghost_batches=args.ghost_batches,
+    )
     trainers = {
         "jax": jax_ensemble.Trainer(params, state, train_x, train_y, **options),
         "numpy": numpy_trainer(params, state, train_x, train_y, backend=args.backend, **options),
@@ -201,8 +203,8 @@ def run_ensemble(args: argparse.Namespace, data, console: Console) -> dict:
             "jax": "JAX: forward_pass under vmap('member') of vmap('batch') (jaxside.ensemble)",
             "numpy": (
                 "NumPy: members side by side, hand backward, an epoch per numba call "
-                "(numpyside.fast_ensemble.FastEnsembleTrainer, bit-identical to numpyside.ensemble)"
-                if numpy_trainer is FastEnsembleTrainer
+                "(numpyside.ensemble.FastEnsembleTrainer, bit-identical to numpyside.ensemble.Trainer)"
+                if numpy_trainer is numpy_ensemble.FastEnsembleTrainer
                 else f"NumPy: stacked (M, B) layers, hand backward, {args.backend} kernels (numpyside.ensemble)"
             ),
         },

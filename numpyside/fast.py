@@ -5,11 +5,11 @@ floating-point operations, in its order (bit-identical results, ``tests/test_fas
 array a step touches is preallocated once per batch size; all parameters (and their velocities and
 gradients) live in ONE flat buffer, so SGD is one fused pass; the products are BLAS ``gemm`` calls
 into those buffers (``dW = x.T @ d``, ``dx = d @ W.T`` from transposed operands); and, with
-``backend="numba"``, the elementwise work runs in the fused kernels of :mod:`numpyside.fused`,
+``backend="numba"``, the elementwise work runs in the fused kernels of :mod:`numpyside.kernels.fused`,
 a whole epoch in ONE numba call where NumPy's OpenBLAS can be called from numba
-(:mod:`numpyside.blas`), the counterpart of the JAX side's ``lax.scan``. ``threads``
-(default :func:`numpyside.threads.default_count`, 1) sets how many cores an epoch uses
-(:mod:`numpyside.threads`). With ``backend="numpy"`` the same buffers are filled by NumPy ufuncs.
+(:mod:`numpyside.kernels.blas`), the counterpart of the JAX side's ``lax.scan``. ``threads``
+(default :func:`numpyside.kernels.threads.default_count`, 1) sets how many cores an epoch uses
+(:mod:`numpyside.kernels.threads`). With ``backend="numpy"`` the same buffers are filled by NumPy ufuncs.
 The readable reference is :mod:`numpyside.layers` / :mod:`numpyside.model` / :mod:`numpyside.train`;
 where the time goes and what was tried: ``docs/performance.md``.
 """
@@ -22,8 +22,8 @@ import numpy as np
 
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
-from numpyside import blas, fused, threads
 from numpyside.backend import DEFAULT_BACKEND, check_backend
+from numpyside.kernels import blas, fused, threads
 from numpyside.model import forward
 from numpyside.train import Trainer
 
@@ -151,14 +151,14 @@ class FastTrainer:
         self._keep = dtype.type(1 - BN_MOMENTUM)
         self._new = dtype.type(BN_MOMENTUM)
         self._buffers: dict[int, _StepBuffers] = {}
-        #: numba backend: a whole epoch in one numba call (:func:`numpyside.fused.train_steps`) where
+        #: numba backend: a whole epoch in one numba call (:func:`numpyside.kernels.fused.train_steps`) where
         #: NumPy's BLAS can be called from numba, else kernel by kernel from Python
         self.whole_epoch = backend == "numba" and blas.available()
         #: cores an epoch (and ``predict``) may use: NumPy's OpenBLAS is held to this many threads
         self.threads = threads.default_count()
         #: with ``threads >= 2``: False (default), OpenBLAS splits the products on its own threads and
         #: the kernels run on one; True (a whole epoch per call): OpenBLAS's jobs and the kernels'
-        #: parts on the same numba threads (:func:`numpyside.threads.limited`), more fork-join points
+        #: parts on the same numba threads (:func:`numpyside.kernels.threads.limited`), more fork-join points
         #: per step (``docs/performance.md``, "Two threads": no consistent gain since the kernels vectorise)
         self.shared_pool = False
 
@@ -240,13 +240,13 @@ class FastTrainer:
         return losses
 
     def _threads(self):
-        """:func:`numpyside.threads.limited` to ``self.threads``; the kernels' parts only where a
+        """:func:`numpyside.kernels.threads.limited` to ``self.threads``; the kernels' parts only where a
         whole epoch runs in one numba call."""
         shared = self.shared_pool and self.whole_epoch
         return threads.limited(self.threads, shared_pool=shared)
 
     def _fused_arguments(self, b: _StepBuffers):
-        """The arguments of :func:`numpyside.fused.train_steps` after the epoch: buffers,
+        """The arguments of :func:`numpyside.kernels.fused.train_steps` after the epoch: buffers,
         parameters, gradients, velocities, running statistics, scalars."""
         if b.fused is None:
             b.fused = fused.Activations(
@@ -326,7 +326,7 @@ class FastTrainer:
     def _step_numpy(self, b: _StepBuffers, indices: np.ndarray, lr) -> np.floating:
         """The same step with NumPy ufuncs writing into the buffers, in the reference NumPy
         backend's operation order (``numpyside.layers``, ``backend="numpy"``)."""
-        params, grads, state, bn = self.params, self.grads, self.state, self.batch_norm
+        params, grads, bn = self.params, self.grads, self.batch_norm
         matmul = np.matmul
         # mode="clip": with the default mode="raise", take() buffers `out` (a copy); the indices
         # were checked in epoch()
@@ -338,27 +338,7 @@ class FastTrainer:
             layer, z, s, e, mask = params[i], b.z[i], b.s[i], b.tmp[i], b.mask[i]
             matmul(x, layer["weight"], out=z)
             if bn:
-                mean, var, inv_std, centered, x_hat = b.mean[i], b.var[i], b.inv_std[i], b.centered[i], b.x_hat[i]
-                np.add.reduce(z, axis=0, out=mean)  # x.mean(axis=0)
-                np.divide(mean, count, out=mean)
-                np.subtract(z, mean, out=centered)
-                np.multiply(centered, centered, out=e)  # (centered**2).mean(axis=0)
-                np.add.reduce(e, axis=0, out=var)
-                np.divide(var, count, out=var)
-                np.add(var, self._eps, out=inv_std)  # 1.0 / np.sqrt(var + eps)
-                np.sqrt(inv_std, out=inv_std)
-                np.divide(1.0, inv_std, out=inv_std)
-                np.multiply(centered, inv_std, out=x_hat)
-                np.multiply(layer["gamma"], x_hat, out=z)  # gamma * x_hat + beta
-                np.add(z, layer["beta"], out=z)
-                running, stat = state[i], b.stat[i]  # model.update_running_stats, in place
-                np.multiply(running["mean"], self._keep, out=running["mean"])
-                np.multiply(mean, self._new, out=stat)
-                np.add(running["mean"], stat, out=running["mean"])
-                np.multiply(var, b.unbias, out=stat)
-                np.multiply(stat, self._new, out=stat)
-                np.multiply(running["var"], self._keep, out=running["var"])
-                np.add(running["var"], stat, out=running["var"])
+                self._bn_forward_numpy(b, i, z)
             else:
                 np.add(z, layer["bias"], out=z)
             # sigmoid: e = exp(-|z|); s = where(z >= 0, 1, e) / (1 + e)
@@ -395,18 +375,8 @@ class FastTrainer:
             np.multiply(ds, s, out=ds)  # dout * s * (1 - s)
             np.subtract(1, s, out=tmp)
             np.multiply(ds, tmp, out=ds)
-            if bn:  # (gamma * inv_std / N) * (N * dout - dbeta - x_hat * dgamma)
-                x_hat, dgamma, dbeta, stat = b.x_hat[i], layer_grads["gamma"], layer_grads["beta"], b.stat[i]
-                np.add.reduce(ds, axis=0, out=dbeta)
-                np.multiply(ds, x_hat, out=tmp)
-                np.add.reduce(tmp, axis=0, out=dgamma)
-                np.multiply(layer["gamma"], b.inv_std[i], out=stat)
-                np.divide(stat, count, out=stat)
-                np.multiply(ds, count, out=dz)
-                np.subtract(dz, dbeta, out=dz)
-                np.multiply(x_hat, dgamma, out=tmp)
-                np.subtract(dz, tmp, out=dz)
-                np.multiply(stat, dz, out=dz)
+            if bn:
+                self._bn_backward_numpy(b, i)
             else:
                 dz = ds
                 np.add.reduce(dz, axis=0, out=layer_grads["bias"])
@@ -418,3 +388,46 @@ class FastTrainer:
         np.multiply(v, lr, out=g)  # the gradients are spent: g holds lr * v
         np.subtract(p, g, out=p)
         return self.dtype.type(loss)
+
+    def _bn_forward_numpy(self, b: _StepBuffers, i: int, z: np.ndarray) -> None:
+        """Hidden layer ``i``'s batch norm of ``z`` in place (``layers.batchnorm_forward``, NumPy backend),
+        then ``model.update_running_stats`` in place."""
+        layer, count, e = self.params[i], b.count, b.tmp[i]
+        mean, var, inv_std, centered, x_hat = b.mean[i], b.var[i], b.inv_std[i], b.centered[i], b.x_hat[i]
+        np.add.reduce(z, axis=0, out=mean)  # x.mean(axis=0)
+        np.divide(mean, count, out=mean)
+        np.subtract(z, mean, out=centered)
+        np.multiply(centered, centered, out=e)  # (centered**2).mean(axis=0)
+        np.add.reduce(e, axis=0, out=var)
+        np.divide(var, count, out=var)
+        np.add(var, self._eps, out=inv_std)  # 1.0 / np.sqrt(var + eps)
+        np.sqrt(inv_std, out=inv_std)
+        np.divide(1.0, inv_std, out=inv_std)
+        np.multiply(centered, inv_std, out=x_hat)
+        np.multiply(layer["gamma"], x_hat, out=z)  # gamma * x_hat + beta
+        np.add(z, layer["beta"], out=z)
+        running, stat = self.state[i], b.stat[i]
+        np.multiply(running["mean"], self._keep, out=running["mean"])
+        np.multiply(mean, self._new, out=stat)
+        np.add(running["mean"], stat, out=running["mean"])
+        np.multiply(var, b.unbias, out=stat)
+        np.multiply(stat, self._new, out=stat)
+        np.multiply(running["var"], self._keep, out=running["var"])
+        np.add(running["var"], stat, out=running["var"])
+
+    def _bn_backward_numpy(self, b: _StepBuffers, i: int) -> None:
+        """Hidden layer ``i``'s batch norm backward from ``b.ds[i]`` into ``b.d[i]`` and the gamma, beta
+        gradients: ``(gamma * inv_std / N) * (N * dout - dbeta - x_hat * dgamma)`` (NumPy backend's order)."""
+        layer, layer_grads, count = self.params[i], self.grads[i], b.count
+        ds, dz, tmp, x_hat, stat = b.ds[i], b.d[i], b.tmp[i], b.x_hat[i], b.stat[i]
+        dgamma, dbeta = layer_grads["gamma"], layer_grads["beta"]
+        np.add.reduce(ds, axis=0, out=dbeta)
+        np.multiply(ds, x_hat, out=tmp)
+        np.add.reduce(tmp, axis=0, out=dgamma)
+        np.multiply(layer["gamma"], b.inv_std[i], out=stat)
+        np.divide(stat, count, out=stat)
+        np.multiply(ds, count, out=dz)
+        np.subtract(dz, dbeta, out=dz)
+        np.multiply(x_hat, dgamma, out=tmp)
+        np.subtract(dz, tmp, out=dz)
+        np.multiply(stat, dz, out=dz)

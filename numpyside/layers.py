@@ -8,8 +8,8 @@ node by node), ``batchnorm_eval`` ↔ ``batchnorm_eval``, ``sigmoid`` ↔ ``sigm
 ``cross_entropy`` ↔ ``softmax_cross_entropy_forward``/``softmax_cross_entropy_backward``.
 
 Outputs keep the input's dtype. ``backend="numba"`` runs the elementwise and reduction work in the
-kernels of :mod:`numpyside.kernels`, ``"numpy"`` in NumPy ufuncs (they agree to
-``numpyside.kernels.TOLERANCE``); matrix products are BLAS either way. The layers trust their input:
+kernels of :mod:`numpyside.kernels.numba_layers`, ``"numpy"`` in NumPy ufuncs (they agree to
+``compare.tolerances.NUMBA_VS_NUMPY``); matrix products are BLAS either way. The layers trust their input:
 it is validated once, at the public boundary (:func:`compare.contract.check_inputs`).
 """
 
@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from compare.contract import BN_EPS
-from numpyside import kernels
+from compare.contract import BN_EPS, BN_MOMENTUM
 from numpyside.backend import DEFAULT_BACKEND
+from numpyside.kernels import numba_layers as kernels
 
 
 def _c(array: np.ndarray) -> np.ndarray:
@@ -209,6 +209,19 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: s
         return kernels.batchnorm_eval(_c(x), _c(gamma), _c(beta), _c(mean), _c(var), eps)
     inv_std = 1.0 / np.sqrt(var + eps)
     return gamma * ((x - mean) * inv_std) + beta
+
+
+def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int) -> dict:
+    """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = 0.1``.
+
+    The running variance takes the *unbiased* batch variance ``var * n / (n - 1)`` (``var`` itself,
+    used for normalising, is the biased one). Mirrors ``jaxside.model.update_running_stats``.
+    """
+    unbiased = var * np.asarray(n / (n - 1), dtype=var.dtype)
+    return {
+        "mean": (1 - BN_MOMENTUM) * running["mean"] + BN_MOMENTUM * mean,
+        "var": (1 - BN_MOMENTUM) * running["var"] + BN_MOMENTUM * unbiased,
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from compare import contract
-from compare.contract import BN_MOMENTUM
 from numpyside.backend import DEFAULT_BACKEND, check_backend
 from numpyside.layers import (
     batchnorm_backward,
@@ -32,20 +31,9 @@ from numpyside.layers import (
     sigmoid_forward,
     softmax_cross_entropy_backward,
     softmax_cross_entropy_forward,
+    update_running_stats,
 )
-
-
-def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int) -> dict:
-    """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = 0.1``.
-
-    The running variance takes the *unbiased* batch variance ``var * n / (n - 1)`` (``var`` itself,
-    used for normalising, is the biased one).
-    """
-    unbiased = var * np.asarray(n / (n - 1), dtype=var.dtype)
-    return {
-        "mean": (1 - BN_MOMENTUM) * running["mean"] + BN_MOMENTUM * mean,
-        "var": (1 - BN_MOMENTUM) * running["var"] + BN_MOMENTUM * unbiased,
-    }
+from numpyside.per_example import per_example_losses_and_grads
 
 
 def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_BACKEND):
@@ -165,8 +153,6 @@ def per_example_grads(params, state, images, labels, *, train: bool = True, back
     example's loss), see :mod:`numpyside.per_example`. ``sum_b g_b = B * loss_and_grads(...)[1]``.
     ``train=False``: running statistics, no coupling, ``state`` returned as given.
     """
-    from numpyside.per_example import per_example_losses_and_grads  # it builds on this module
-
     _, _, images, labels = check_inputs(params, state, images, labels, train=train, backend=backend)
     losses, grads, new_state = per_example_losses_and_grads(
         _as_numpy(params), _as_numpy(state or []), images, labels, train=train, backend=backend

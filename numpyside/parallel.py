@@ -29,8 +29,8 @@ from numpyside.layers import (
     sigmoid_backward,
     sigmoid_forward,
     softmax_cross_entropy,
+    update_running_stats,
 )
-from numpyside.model import update_running_stats
 
 #: When an all-reduce happens: in the forward, in the backward, or at the end of the step.
 FORWARD, BACKWARD, END = "forward", "backward", "end of step"

@@ -26,8 +26,8 @@ from numpyside.layers import (
     linear_forward,
     sigmoid_backward,
     sigmoid_forward,
+    update_running_stats,
 )
-from numpyside.model import update_running_stats
 
 
 class CrossEntropyRowsCache(NamedTuple):

@@ -27,8 +27,8 @@ import pytest
 from compare import training
 from compare.contract import InputError
 from compare.init import init_params, init_state
-from numpyside import blas, fused, threads
 from numpyside.fast import FastTrainer
+from numpyside.kernels import blas, fused, threads
 from numpyside.train import Trainer
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
@@ -140,7 +140,7 @@ def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch, n_thr
 ONE_THREAD_SCRIPT = """
 import numpy as np, numba.np.ufunc.parallel as parallel
 from compare.init import init_params, init_state
-from numpyside import threads
+from numpyside.kernels import threads
 from numpyside.fast import FastTrainer
 rng = np.random.default_rng(0)
 images, labels = rng.random((256, 784), np.float32), rng.integers(0, 10, 256).astype(np.int32)

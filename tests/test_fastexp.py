@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import pytest
 
-from numpyside.fastexp import MAX_ULP, exp_nonpositive
+from numpyside.kernels.fastexp import MAX_ULP, exp_nonpositive
 
 WIDER = {np.float32: np.float64, np.float64: np.longdouble}
 

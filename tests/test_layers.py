@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from compare.contract import BN_EPS
 from compare.metrics import max_abs_err, max_rel_err
 from numpyside import layers as L
-from numpyside.kernels import TOLERANCE
+from numpyside.kernels.numba_layers import TOLERANCE
 
 BACKENDS = ("numpy", "numba")
 DTYPES = (np.float32, np.float64)

@@ -9,7 +9,7 @@ With ``count >= 2`` and ``shared_pool``, OpenBLAS's parallel jobs run on numba's
 (0.3.27+) calls ``cb(sync, dojob, numjobs, jobdata_elsize, jobdata, dojob_data)`` set by
 ``openblas_set_threads_callback_function`` instead of its own thread server; :func:`_callback`
 runs ``dojob(i, jobdata + i * jobdata_elsize, dojob_data)`` for ``i < numjobs`` as a ``prange``.
-BLAS and the kernels of :mod:`numpyside.fused` then share one pool, and each product's jobs are
+BLAS and the kernels of :mod:`numpyside.kernels.fused` then share one pool, and each product's jobs are
 OpenBLAS's own jobs (the same bits, ``tests/test_fast.py``). :func:`available` says whether this
 works here. Measurements: ``docs/performance.md``.
 """
@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from numpyside import blas
+from numpyside.kernels import blas
 
 #: Threads of the NumPy side's training when nobody asks for more: one core, which the products
 #: fill on their own, and nothing that waits for a second core that other processes may hold.
@@ -176,6 +176,6 @@ def limited(count: int, *, shared_pool: bool = True):
 def blas_on_numba_threads():
     """Inside: NumPy's OpenBLAS runs its parallel jobs on all of numba's threads."""
     if not available():
-        raise RuntimeError(f"numpyside.threads is not available: {unavailable_reason()}")
+        raise RuntimeError(f"numpyside.kernels.threads is not available: {unavailable_reason()}")
     with limited(numba.config.NUMBA_NUM_THREADS):
         yield

@@ -3,7 +3,7 @@ r"""``exp(x)`` for ``x <= 0`` as plain arithmetic, so that numba vectorises it i
 numba's ``np.exp`` on a scalar is a C-library call per element, which stops a loop from
 vectorising; :func:`exp_nonpositive` uses only ``+ - *``, a comparison and a reinterpretation of
 integer bits as a float, so the sigmoid fuses into the loop that produces its input
-(:mod:`numpyside.fused`). The method is the classic argument reduction (Cody & Waite; Muller,
+(:mod:`numpyside.kernels.fused`). The method is the classic argument reduction (Cody & Waite; Muller,
 *Elementary Functions*):
 
     x = n ln 2 + r,   n = round(x / ln 2),   |r| <= ln(2) / 2,   exp(x) = 2**n * exp(r)

@@ -1,13 +1,13 @@
-"""numba kernels of :mod:`numpyside.ensemble`: the kernels of :mod:`numpyside.kernels` with a leading
+"""numba kernels of :mod:`numpyside.ensemble`: the kernels of :mod:`numpyside.kernels.numba_layers` with a leading
 member axis (and a ghost axis), for the ``backend="numba"`` path.
 
 Batch norm's activations come as ``(M, G, b, n)``: member, ghost batch, example, feature. Without
 pooling each ``(m, g)`` block is normalised on its own, with the same loops and the same order of
-operations as :func:`numpyside.kernels.batchnorm_forward` / ``batchnorm_backward`` (so member ``k``
+operations as :func:`numpyside.kernels.numba_layers.batchnorm_forward` / ``batchnorm_backward`` (so member ``k``
 with ``G = 1`` is that kernel's result bit for bit). Pooled (``G = 1``), one set of statistics covers
 all ``M x b`` rows, summed member by member in row order (the order of the concatenated batch), while
 ``gamma``/``beta`` stay per member. The conventions (``fastmath=False``, own-dtype accumulation,
-``error_model="numpy"``) are those of :mod:`numpyside.kernels`.
+``error_model="numpy"``) are those of :mod:`numpyside.kernels.numba_layers`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from numpyside.kernels import batchnorm_eval as _batchnorm_eval_2d
-from numpyside.kernels import softmax_cross_entropy_into
+from numpyside.kernels.numba_layers import batchnorm_eval as _batchnorm_eval_2d
+from numpyside.kernels.numba_layers import softmax_cross_entropy_into
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
 

@@ -2,11 +2,11 @@ r"""Fused numba kernels for :class:`numpyside.fast.FastTrainer`: one pass where 
 (:mod:`numpyside.layers` with ``backend="numba"``) makes several, into preallocated buffers.
 
 Every kernel performs, element by element, the SAME floating-point operations in the SAME order as
-the reference kernels of :mod:`numpyside.kernels` and the NumPy code around them (``fastmath=False``:
+the reference kernels of :mod:`numpyside.kernels.numba_layers` and the NumPy code around them (``fastmath=False``:
 no reassociation, no FMA contraction; constants in the arrays' dtype). Only the loops and the memory
 traffic are fused, not the arithmetic: ``FastTrainer`` and the reference ``Trainer`` give
 bit-identical parameters (``tests/test_fast.py``). The sigmoid's ``exp`` is
-:func:`numpyside.fastexp.exp_nonpositive`, which vectorises inside the loop.
+:func:`numpyside.kernels.fastexp.exp_nonpositive`, which vectorises inside the loop.
 
 Each kernel works on a range ``lo <= j < hi`` of its array (features of batch norm, rows of the
 gather, elements of SGD); the parts of a range are independent (a feature's batch sums stay whole,
@@ -22,7 +22,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numpyside import blas, kernels
+from numpyside.kernels import blas
+from numpyside.kernels import numba_layers as kernels
 
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
@@ -248,7 +249,7 @@ def sgd_momentum(params, velocity, grads, lr, momentum, lo, hi):
 
 # ------------------------------------------------------------------------------------------------
 # Whole stages of a training step, and a whole epoch of steps, in one call, with the products done
-# by NumPy's own BLAS (numpyside.blas). Only used when numpyside.blas.available(); the same
+# by NumPy's own BLAS (numpyside.kernels.blas). Only used when numpyside.kernels.blas.available(); the same
 # operations on the same operands as the call-by-call path, so the results are the same bits.
 # ------------------------------------------------------------------------------------------------
 

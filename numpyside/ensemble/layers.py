@@ -5,8 +5,8 @@ Activations are ``(M, B, n)``; the first layer's input may be shared, ``(B, 784)
 ``(M, G, b, n)`` (``G`` ghost batches of ``b = B / G`` consecutive examples) and reduces over the
 example axis of each block, or over members and examples when the statistics are pooled
 (``docs/batchnorm_backward.md``, "Ensembles": what pooling and ghosting change in the coupling sums).
-``backend="numba"`` runs :mod:`numpyside.ensemble_kernels`; the matrix products are ``np.matmul`` on
-stacks (BLAS per member). The public boundary (:mod:`numpyside.ensemble`) has checked the inputs.
+``backend="numba"`` runs :mod:`numpyside.kernels.numba_ensemble_layers`; the matrix products are ``np.matmul`` on
+stacks (BLAS per member). The public boundary (:mod:`numpyside.ensemble.model`) has checked the inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from compare.contract import BN_EPS
-from numpyside import ensemble_kernels
+from numpyside.kernels import numba_ensemble_layers as ensemble_kernels
 
 
 def _c(array: np.ndarray) -> np.ndarray:

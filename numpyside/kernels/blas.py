@@ -1,6 +1,6 @@
 r"""NumPy's own BLAS ``gemm``, callable from numba code.
 
-:mod:`numpyside.fused` calls ``cblas_sgemm`` / ``cblas_dgemm`` of the very OpenBLAS library that
+:mod:`numpyside.kernels.fused` calls ``cblas_sgemm`` / ``cblas_dgemm`` of the very OpenBLAS library that
 NumPy loaded (same library, same threads, the same arguments NumPy's matmul passes for C-contiguous
 operands and their transposed views: results bit-identical to ``np.matmul``) from inside its numba
 kernels, so that a whole epoch is one call without Python's per-product overhead.

@@ -1,5 +1,5 @@
-r"""A whole epoch of an ensemble in ONE numba call: :func:`numpyside.fused.train_steps` with a
-member axis, for :class:`numpyside.fast_ensemble.FastEnsembleTrainer`.
+r"""A whole epoch of an ensemble in ONE numba call: :func:`numpyside.kernels.fused.train_steps` with a
+member axis, for :class:`numpyside.ensemble.fast.FastEnsembleTrainer`.
 
 Layout: the members' features sit side by side, ``W = M n`` columns. A hidden layer's activations
 are ``(B, W)`` (member ``m`` in columns ``m n .. (m + 1) n``), the first weight is ``(784, W)``,
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from numpyside import blas, fused
+from numpyside.kernels import blas, fused
 
 _jit = fused._jit  # one set of numba options for every fused kernel
 
@@ -98,10 +98,10 @@ def train_steps(epoch, act, p, g, p_sgd, v_sgd, g_sgd, running_mean, running_var
     every hidden layer on its columns, the output layer, softmax and loss, and the backward in
     reverse down to layer 0 (its ``dW_0`` too, per-member batches); with a shared batch, layer 0's
     ``dW_0`` of all members as one ``gemm``; SGD per member over ``p_sgd, v_sgd, g_sgd`` (tuples
-    of ``(outer, M, inner)`` views). ``p, g`` are the single model's :class:`numpyside.fused.Layers`
+    of ``(outer, M, inner)`` views). ``p, g`` are the single model's :class:`numpyside.kernels.fused.Layers`
     with the members side by side (``w0`` (784, M n), ``w_hidden`` (2, M, n, n), ``w_out``
     (M, n, 10), ``a, b`` (3, M n), ``b_out`` (M, 10)), ``running_*`` (3, M n),
-    ``c`` :class:`MemberSettings`; ``act`` the single model's :class:`numpyside.fused.Activations`
+    ``c`` :class:`MemberSettings`; ``act`` the single model's :class:`numpyside.kernels.fused.Activations`
     with the members side by side: ``x`` (B, 784) and ``y`` (B,) one gathered batch (the shared one,
     or each member's in turn), ``z, s, x_hat, ds, d`` (3, B, M n), ``mean, var, inv_std`` (3, M n),
     ``logits, dlogits`` (M, B, 10).

@@ -2,12 +2,12 @@ r"""numba kernels for the hot elementwise and reduction work of :mod:`numpyside.
 
 Called by the ``backend="numba"`` path of the layers (the matmuls stay on BLAS) with C-contiguous
 arrays of ONE float dtype, constants in that dtype and labels as ``np.intp``: each kernel compiles
-once per dtype (``cache=True``). ``fastmath=False`` (no reassociation, no FMA contraction);
-``error_model="numpy"`` (a division by zero gives inf/nan, and the dividing loops vectorise).
+once per dtype (``cache=True``). ``fastmath=False`` (no reassociation,
+no FMA contraction); ``error_model="numpy"`` (a division by zero gives inf/nan, and the dividing loops vectorise).
 Every kernel computes in the arrays' dtype and in the NumPy path's order of operations; a batch
 sum runs row by row, ``x[0] + x[1] + ... + x[B-1]`` per feature, which is NumPy's axis-0 order
 for ``n >= 2``. So batch norm and the sigmoid backward agree with the NumPy backend bit for bit;
-the sigmoid differs by its ``exp`` (:mod:`numpyside.fastexp`, a few ulp), the cross-entropy by the
+the sigmoid differs by its ``exp`` (:mod:`numpyside.kernels.fastexp`, a few ulp), the cross-entropy by the
 C library's ``exp``/``log`` and sequential sums (growing with B and C). :data:`TOLERANCE` bounds
 ``max|numba - numpy| / max|numpy|``; the measurements behind it are in ``docs/performance.md``.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from numpyside.fastexp import exp_nonpositive
+from numpyside.kernels.fastexp import exp_nonpositive
 
 #: Stated bound on ``max|numba - numpy| / max|numpy|`` per dtype: float32 1e-5 (84 ulp), float64
 #: 2e-14 (90 ulp), at least 3x above every measured case for B up to 4096 and C up to 1000, 20x
@@ -117,7 +117,7 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps):
 def logistic(x, one):
     """The stable logistic of one value: ``e = exp(-|x|)``, ``1 / (1 + e)`` if ``x >= 0`` else
     ``e / (1 + e)``; ``one`` is 1 in ``x``'s dtype. Shared by :func:`sigmoid` and the fused kernels
-    of :mod:`numpyside.fused`, so that every numba sigmoid rounds the same way."""
+    of :mod:`numpyside.kernels.fused`, so that every numba sigmoid rounds the same way."""
     e = exp_nonpositive(-abs(x))
     numerator = one if x >= 0 else e
     return numerator / (one + e)
@@ -128,7 +128,7 @@ def sigmoid(x):
     """The stable logistic of a flat (1-D) array, one vectorised pass: ``e = exp(-|x|)``, then
     ``s = 1 / (1 + e)`` where ``x >= 0`` and ``s = e / (1 + e)`` where ``x < 0``.
 
-    ``exp`` is :func:`numpyside.fastexp.exp_nonpositive`, arithmetic that vectorises with the rest
+    ``exp`` is :func:`numpyside.kernels.fastexp.exp_nonpositive`, arithmetic that vectorises with the rest
     of the loop (numba's own ``np.exp`` is a scalar C-library call per element). It is within a
     few ulp of NumPy's ``exp``: this is where the two backends' sigmoids part.
     """
@@ -167,7 +167,7 @@ def softmax_cross_entropy(logits, labels):
 @_jit
 def softmax_cross_entropy_into(logits, labels, dlogits):
     """:func:`softmax_cross_entropy` writing the gradient into the preallocated ``dlogits``;
-    returns the loss (shared with the fused kernels of :mod:`numpyside.fused`)."""
+    returns the loss (shared with the fused kernels of :mod:`numpyside.kernels.fused`)."""
     n_rows, n_classes = logits.shape
     dt = logits.dtype.type
     count = dt(n_rows)
