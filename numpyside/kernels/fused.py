@@ -22,10 +22,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numpyside.kernels import blas
+from numpyside.kernels import blas, jit
 from numpyside.kernels import numba_layers as kernels
 
-_jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
+_jit = jit.njit(fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
 
 @_jit
@@ -444,6 +444,6 @@ def _copy_named(function, name: str):
 
 
 train_steps = _jit(_copy_named(_train_steps, "train_steps"))
-train_steps_threaded = numba.njit(
-    cache=True, parallel=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False
-)(_copy_named(_train_steps, "train_steps_threaded"))
+train_steps_threaded = jit.njit(parallel=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)(
+    _copy_named(_train_steps, "train_steps_threaded")
+)

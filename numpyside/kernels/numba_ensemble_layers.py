@@ -12,13 +12,13 @@ all ``M x b`` rows, summed member by member in row order (the order of the conca
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from numpyside.kernels import jit
 from numpyside.kernels.numba_layers import batchnorm_eval as _batchnorm_eval_2d
 from numpyside.kernels.numba_layers import softmax_cross_entropy_into
 
-_jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
+_jit = jit.njit(fastmath=False, error_model="numpy", nogil=True)
 
 
 @_jit

@@ -2,7 +2,7 @@ r"""numba kernels for the hot elementwise and reduction work of :mod:`numpyside.
 
 Called by the ``backend="numba"`` path of the layers (the matmuls stay on BLAS) with C-contiguous
 arrays of ONE float dtype, constants in that dtype and labels as ``np.intp``: each kernel compiles
-once per dtype (``cache=True``). ``fastmath=False`` (no reassociation,
+once per dtype, cached on disk (:mod:`numpyside.kernels.jit`). ``fastmath=False`` (no reassociation,
 no FMA contraction); ``error_model="numpy"`` (a division by zero gives inf/nan, and the dividing loops vectorise).
 Every kernel computes in the arrays' dtype and in the NumPy path's order of operations; a batch
 sum runs row by row, ``x[0] + x[1] + ... + x[B-1]`` per feature, which is NumPy's axis-0 order
@@ -14,9 +14,9 @@ C library's ``exp``/``log`` and sequential sums (growing with B and C). :data:`T
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from numpyside.kernels import jit
 from numpyside.kernels.fastexp import exp_nonpositive
 
 #: Stated bound on ``max|numba - numpy| / max|numpy|`` per dtype: float32 1e-5 (84 ulp), float64
@@ -25,7 +25,7 @@ from numpyside.kernels.fastexp import exp_nonpositive
 #: reduction order and SIMD code path may differ on another machine (docs/performance.md).
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 2e-14}
 
-_jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
+_jit = jit.njit(fastmath=False, error_model="numpy", nogil=True)
 
 
 @_jit

@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from numpyside.kernels import blas
+from numpyside.kernels import blas, jit
 
 #: Threads of the NumPy side's training when nobody asks for more: one core, which the products
 #: fill on their own, and nothing that waits for a second core that other processes may hold.
@@ -34,7 +34,7 @@ DEFAULT_THREADS = 1
 #: The environment variable that overrides :data:`DEFAULT_THREADS`.
 THREADS_VARIABLE = "VMAP_BN_THREADS"
 
-_jit_parallel = numba.njit(cache=True, parallel=True, nogil=True)
+_jit_parallel = jit.njit(parallel=True, nogil=True)
 
 
 def default_count() -> int:
@@ -86,7 +86,7 @@ def callback_address() -> int:
         # void cb(int sync, openblas_dojob_callback dojob, int numjobs, size_t jobdata_elsize,
         #         void *jobdata, int dojob_data); pointers as integers of pointer size
         signature = types.void(types.int32, types.intp, types.int32, types.uintp, types.intp, types.int32)
-        _callback_cfunc = numba.cfunc(signature, cache=True)(_callback)
+        _callback_cfunc = jit.cfunc(signature)(_callback)
     return _callback_cfunc.address
 
 
