@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 __all__ = ["FILES", "MIRRORS", "MnistError", "download_mnist", "find_mnist_dir", "load_mnist", "read_idx"]
 
@@ -128,8 +129,6 @@ def _missing(directory: Path) -> list[str]:
 
 def _fetch(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT) -> None:
     """Download ``url`` to ``dest`` with a progress bar (replace this to test without network)."""
-    from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
         total = int(resp.headers.get("Content-Length") or 0) or None
         with Progress(

@@ -50,9 +50,7 @@ def comparison_figure(report: dict) -> plt.Figure:
         ax.set_xticks(epochs)
 
     if ensemble:
-        from compare.ensemble_run import plot_ensemble_panel
-
-        plot_ensemble_panel(axes[3], ensemble, JAX_STYLE, NUMPY_STYLE)
+        ensemble_panel(axes[3], ensemble)
 
     disagree = sum(r["disagreements"] for r in rows[-1:])
     fig.suptitle(
@@ -63,4 +61,44 @@ def comparison_figure(report: dict) -> plt.Figure:
     )
     fig.legend(*acc_ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def ensemble_panel(ax, section: dict) -> None:
+    """``output.png``'s ensemble panel: every member's test accuracy per epoch (thin lines) and the
+    ensemble's (mean softmax, thick), JAX and NumPy drawn over each other."""
+    epochs = [r["epoch"] for r in section["epochs"]]
+    for key, style in (("jax", JAX_STYLE), ("numpy", NUMPY_STYLE)):
+        thin = {**style, "linewidth": 0.8, "markersize": 3, "alpha": 0.5}
+        for m in range(section["members"]):
+            label = f"{key}: members" if m == 0 else None
+            ax.plot(epochs, [100 * r["test_accuracy"][key][m] for r in section["epochs"]], label=label, **thin)
+        ax.plot(
+            epochs, [100 * r["ensemble_accuracy"][key] for r in section["epochs"]], label=f"{key}: ensemble", **style
+        )
+    pooled = "pooled BN" if section["pool_members"] else "per-member BN"
+    ax.set(
+        xlabel="epoch", ylabel="test accuracy (%)", title=f"Ensemble of {section['members']}: members and mean softmax"
+    )
+    ax.text(
+        0.02,
+        0.97,
+        f"{section['batches']} batches, {pooled}, ghost batches {section['ghost_batches']}",
+        transform=ax.transAxes,
+        fontsize=8,
+        va="top",
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xticks(epochs)
+
+
+def accuracy_figure(test_accuracy: list[float], title: str) -> plt.Figure:
+    """Test accuracy per epoch of one training run (``vmap-bn-train-jax``)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = range(1, len(test_accuracy) + 1)
+    ax.plot(epochs, [100 * a for a in test_accuracy], marker="o")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     return fig

@@ -8,13 +8,20 @@ trainers (``epoch(batch_indices, learning_rates)``, ``predict(images)``, ``param
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from jaxside import equinox_model
+from jaxside import model as jax_model
+from jaxside.train import Trainer as JaxTrainer
+from numpyside import model as numpy_model
 from numpyside.backend import DEFAULT_BACKEND
+from numpyside.fast import FastTrainer
+from numpyside.train import Trainer as NumpyTrainer
 
 JAX_MODELS = ("pmean", "equinox")
 
@@ -33,7 +40,6 @@ class Side:
 def jax_side(model: str = "pmean") -> Side:
     """The per-example JAX model (``pmean`` in our own code, or Equinox's ``BatchNorm``)."""
     if model == "equinox":
-        from jaxside import equinox_model
 
         def loss_and_grads_bessel(params, state, images, labels):
             # Equinox's running variance takes the biased batch variance; ours the unbiased one.
@@ -53,16 +59,13 @@ def jax_side(model: str = "pmean") -> Side:
         )
     if model != "pmean":
         raise ValueError(f"unknown JAX model {model!r}; choose from {JAX_MODELS}")
-    from jaxside import model
-    from jaxside.train import Trainer
-
     return Side(
         key="jax",
         title="JAX (per example, vmap + pmean)",
-        loss_and_grads=model.loss_and_grads,
-        predict_logits=model.predict_logits,
-        train_logits=model.train_logits,
-        make_trainer=Trainer,
+        loss_and_grads=jax_model.loss_and_grads,
+        predict_logits=jax_model.predict_logits,
+        train_logits=jax_model.train_logits,
+        make_trainer=JaxTrainer,
     )
 
 
@@ -73,17 +76,11 @@ def numpy_side(backend: str = DEFAULT_BACKEND, *, fast: bool = True) -> Side:
     same numbers as the reference) unless ``fast=False`` asks for the readable reference
     :class:`numpyside.train.Trainer`. The step-0 functions are the reference model's either way.
     """
-    import functools
-
-    from numpyside import model
-    from numpyside.fast import FastTrainer
-    from numpyside.train import Trainer
-
     return Side(
         key="numpy",
         title=f"NumPy (batched, hand backward, {backend} kernels{', fast trainer' if fast else ''})",
-        loss_and_grads=functools.partial(model.loss_and_grads, backend=backend),
-        predict_logits=functools.partial(model.predict_logits, backend=backend),
-        train_logits=functools.partial(model.train_logits, backend=backend),
-        make_trainer=functools.partial(FastTrainer if fast else Trainer, backend=backend),
+        loss_and_grads=functools.partial(numpy_model.loss_and_grads, backend=backend),
+        predict_logits=functools.partial(numpy_model.predict_logits, backend=backend),
+        train_logits=functools.partial(numpy_model.train_logits, backend=backend),
+        make_trainer=functools.partial(FastTrainer if fast else NumpyTrainer, backend=backend),
     )

@@ -1,14 +1,7 @@
 """Step 0: one batch, every quantity of both sides side by side.
 
-Tolerances (relative error ``max|a - b| / max|b|``, see :mod:`compare.metrics`):
-
-* float64: ``1e-10``. Both sides compute the same formulas; they differ only in the order of
-  floating-point sums (XLA's dot and reductions vs BLAS and NumPy/numba), so the errors are a few
-  hundred ulps (2.2e-16 each) at most; ``1e-10`` leaves a wide margin and still catches any
-  mistake in a formula, which would show at 1e-3 or worse.
-* float32: ``1e-4``. Same reasoning with float32's ulp (1.2e-7); batch norm's backward subtracts
-  nearly equal terms (``N*dout - sum(dout) - xhat*sum(dout*xhat)``), which amplifies rounding
-  by up to a few hundred, so 1e-4 is the honest bound for float32 on this network.
+Each row's relative error (``max|a - b| / max|b|``, :mod:`compare.metrics`) is held to
+:data:`compare.tolerances.STEP0` (float32 1e-4, float64 1e-10; the reasons are there).
 """
 
 from __future__ import annotations
@@ -17,9 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from compare import tolerances
 from compare.metrics import max_abs_err, max_rel_err
-
-TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
 @dataclass
@@ -49,7 +41,7 @@ def _row(quantity, jax_value, numpy_value, tol) -> Row:
 
 def step0_rows(jax_side, numpy_side, params, state, images, labels) -> list[Row]:
     """Compare logits, loss, every gradient and the new running statistics on one batch."""
-    tol = TOLERANCE[np.dtype(params[0]["weight"].dtype)]
+    tol = tolerances.STEP0[np.dtype(params[0]["weight"].dtype)]
     rows = [
         _row(
             "logits (train mode)",

@@ -23,7 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare.contract import ensemble as ensemble_contract
-from compare.devices import checked_devices
+from jaxside.devices import checked_devices
 from jaxside.layers import BATCH_AXIS, cross_entropy
 from jaxside.model import batched_forward, check_float64_enabled, forward_pass, to_numpy
 from jaxside.train import sgd_momentum
@@ -207,7 +207,7 @@ class Trainer:
     (computation follows data). Unpooled members never talk to each other, so each device trains
     its ``M / D`` members on its own; pooled statistics become an all-reduce across the devices.
     On CPU, ``D`` host devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` before
-    JAX starts (:mod:`compare.devices`).
+    JAX starts (:mod:`jaxside.devices`).
     """
 
     def __init__(

@@ -24,6 +24,7 @@ import time
 import jax
 import jax.flatten_util
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -327,8 +328,6 @@ class Trainer:
 
 def sharded_logits(params, state, images, *, mesh: Mesh) -> np.ndarray:
     """Training-mode logits ``(B, 10)`` of a batch split over ``mesh`` (synchronised batch norm)."""
-    from jax.experimental import multihost_utils
-
     batch_norm, dtype, images, _ = check_inputs(params, state, images, train=True)
     check_batch_split(len(images), mesh.size, batch_norm=batch_norm, sync_batch_norm=True)
     args = replicate(mesh, params, dtype), replicate(mesh, list(state or []), dtype), split_batch(mesh, images)

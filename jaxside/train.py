@@ -7,10 +7,8 @@ parameter, velocity and running-statistics buffers are donated so XLA updates th
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
-from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare import contract
-from compare.contract import training
 from jaxside.model import batch_loss_and_grads, check_inputs, eval_logits, to_numpy
 
 
@@ -139,100 +136,3 @@ class Trainer:
 
     def state_numpy(self):
         return to_numpy(self.state)
-
-
-@dataclass
-class History:
-    train_loss: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-
-
-def train(params, state, data, *, epochs, batch_size, lr, momentum, seed, progress=True) -> tuple[Trainer, History]:
-    """Train for ``epochs`` on ``data = (train_x, train_y, test_x, test_y)``; test after each epoch."""
-    from rich.progress import Progress
-
-    train_x, train_y, test_x, test_y = data
-    trainer = Trainer(params, state, train_x, train_y, momentum=momentum)
-    schedule = training.LearningRateSchedule(lr, epochs * (len(train_x) // batch_size))
-    test_images = contract.check_images(test_x, trainer.dtype)
-    test_labels = contract.check_labels(test_y, len(test_x))
-    rng = training.batch_rng(seed)
-    history = History()
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("jax train", total=epochs)
-        for epoch in range(1, epochs + 1):
-            start = time.perf_counter()
-            batches = training.epoch_batches(len(train_x), batch_size, rng)
-            losses = trainer.epoch(batches, schedule.for_epoch(epoch - 1, len(batches)))
-            correct = int(np.sum(trainer.predict(test_images) == test_labels))
-            history.seconds.append(time.perf_counter() - start)
-            history.train_loss.append(float(losses.mean()))
-            history.test_accuracy.append(correct / len(test_x))
-            description = f"jax train: loss {history.train_loss[-1]:.4f}, test acc {history.test_accuracy[-1]:.2%}"
-            bar.update(task, advance=1, description=description)
-    return trainer, history
-
-
-def main(argv=None) -> int:
-    from compare.contract.init import init_params, init_state
-
-    jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
-    from compare.mnist import load_mnist
-
-    parser = argparse.ArgumentParser(description="Train the per-example JAX MLP with batch norm on MNIST.")
-    parser.add_argument("--epochs", type=int, default=training.DEFAULT_EPOCHS)
-    parser.add_argument("--batch-size", type=int, default=training.DEFAULT_BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=training.DEFAULT_LR)
-    parser.add_argument("--momentum", type=float, default=training.DEFAULT_MOMENTUM)
-    parser.add_argument("--seed", type=int, default=training.DEFAULT_SEED)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--no-batch-norm", action="store_true")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default="output.png", help="accuracy graph (PNG)")
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    if args.batch_size < (1 if args.no_batch_norm else 2):
-        parser.error("--batch-size must be at least 2 with batch norm (a batch of one has no variance)")
-
-    *data, source = load_mnist(args.data_dir, return_source=True)
-    print(f"MNIST: {source}")
-    batch_norm = not args.no_batch_norm
-    params = init_params(args.seed, args.dtype, batch_norm=batch_norm)
-    state = init_state(args.dtype, batch_norm)
-    _, history = train(
-        params,
-        state,
-        data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        seed=args.seed,
-    )
-    for epoch, (loss, acc, sec) in enumerate(zip(history.train_loss, history.test_accuracy, history.seconds), 1):
-        print(f"epoch {epoch:2d}  train loss {loss:.4f}  test accuracy {acc:.2%}  ({sec:.2f} s)")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = range(1, args.epochs + 1)
-    ax.plot(epochs, [100 * a for a in history.test_accuracy], marker="o")
-    ax.set(
-        xlabel="epoch",
-        ylabel="test accuracy (%)",
-        title=f"Per-example JAX MLP, batch norm {'on' if batch_norm else 'off'}",
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compare.devices import request_devices
+from jaxside.devices import request_devices
 
 N_DEVICES = 4
 

@@ -21,7 +21,8 @@ import numba
 import numpy as np
 import pytest
 
-from numpyside.kernels.fastexp import MAX_ULP, exp_nonpositive
+from compare.tolerances import FASTEXP_MAX_ULP as MAX_ULP
+from numpyside.kernels.fastexp import exp_nonpositive
 
 WIDER = {np.float32: np.float64, np.float64: np.longdouble}
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from compare.jaxpr import (
+from compare.studies.jaxpr import (
     BACKWARD,
     FORWARD,
     batched_jaxprs,

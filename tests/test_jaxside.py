@@ -15,11 +15,11 @@ import pytest
 from compare import contract, training
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
 from compare.init import init_params, init_state
+from compare.train_jax import main as train_main
+from compare.train_jax import train
 from jaxside import forward_pass, loss_and_grads, predict_logits
 from jaxside.layers import UnboundBatchAxisError, batchnorm_eval, batchnorm_train
 from jaxside.model import batched_forward
-from jaxside.train import main as train_main
-from jaxside.train import train
 from tests.helpers import random_params, random_state, with_changes
 
 DTYPES = [np.float32, np.float64]

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from compare.contract import BN_EPS
 from compare.metrics import max_abs_err, max_rel_err
+from compare.tolerances import NUMBA_VS_NUMPY as TOLERANCE
 from numpyside import layers as L
-from numpyside.kernels.numba_layers import TOLERANCE
 
 BACKENDS = ("numpy", "numba")
 DTYPES = (np.float32, np.float64)

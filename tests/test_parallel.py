@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compare import launcher
 from compare.contract import InputError
+from compare.parallel import launcher
 from tests.helpers import random_params, random_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_all_reduce_counts_match_the_jaxpr():
     """2 forward + 2 backward all-reduces per batch-norm layer on both sides. At the end of the step
     JAX sums the loss and all 11 gradients in ONE psum (flattened); the mirror makes one all-reduce
     per weight and bias gradient (5) and the loss, and reuses its coupling sums as dgamma, dbeta."""
-    from compare.sync_counts import jax_counts, numpy_counts
+    from compare.studies.sync_counts import jax_counts, numpy_counts
     from numpyside.parallel import BATCH_NORM, END, LOSS_AND_GRADIENTS
 
     jax_side, numpy_side = jax_counts(n_devices=2), numpy_counts(shards=2)
@@ -155,7 +155,7 @@ def test_all_reduce_counts_match_the_jaxpr():
 
 
 def test_two_pass_variance_survives_the_stress_case():
-    from compare.variance import measure
+    from compare.studies.variance import measure
 
     result = measure(ratio=1e4, batch=256, devices=4)
     assert result["two_pass_max_rel_err"] < 1e-4 and result["two_pass_negative"] == 0

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from compare import per_example as P
 from compare.contract import InputError
 from compare.init import init_state
-from compare.jaxpr import by_direction, is_named_collective
 from compare.metrics import max_rel_err
+from compare.studies import per_example as P
+from compare.studies.jaxpr import by_direction, is_named_collective
 from jaxside import model as J
 from numpyside import model as N
 from numpyside.per_example import cross_entropy_rows_backward, cross_entropy_rows_forward

@@ -9,9 +9,9 @@ integer bits as a float, so the sigmoid fuses into the loop that produces its in
     x = n ln 2 + r,   n = round(x / ln 2),   |r| <= ln(2) / 2,   exp(x) = 2**n * exp(r)
 
 with ``exp(r)`` a Taylor polynomial (details at :func:`_exp_nonpositive`). It is IEEE arithmetic
-only (no FMA, no library call), so it gives the same bits on every machine: at most
-:data:`MAX_ULP` from the correctly rounded ``exp`` (``tests/test_fastexp.py``; measurements in
-``docs/performance.md``). Only ``x <= 0`` is supported: the callers pass ``-|x|``.
+only (no FMA, no library call), so it gives the same bits on every machine: at most 1 ulp
+(``compare.tolerances.FASTEXP_MAX_ULP``) from the correctly rounded ``exp`` (``tests/test_fastexp.py``;
+measurements in ``docs/performance.md``). Only ``x <= 0`` is supported: the callers pass ``-|x|``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
-
-#: Bound on the distance to the correctly rounded ``exp(x)``, in units in the last place.
-MAX_ULP = {np.dtype(np.float32): 1, np.dtype(np.float64): 1}
 
 
 @intrinsic

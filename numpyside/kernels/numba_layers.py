@@ -3,13 +3,14 @@ r"""numba kernels for the hot elementwise and reduction work of :mod:`numpyside.
 Called by the ``backend="numba"`` path of the layers (the matmuls stay on BLAS) with C-contiguous
 arrays of ONE float dtype, constants in that dtype and labels as ``np.intp``: each kernel compiles
 once per dtype, cached on disk (:mod:`numpyside.kernels.jit`). ``fastmath=False`` (no reassociation,
-no FMA contraction); ``error_model="numpy"`` (a division by zero gives inf/nan, and the dividing loops vectorise).
-Every kernel computes in the arrays' dtype and in the NumPy path's order of operations; a batch
-sum runs row by row, ``x[0] + x[1] + ... + x[B-1]`` per feature, which is NumPy's axis-0 order
-for ``n >= 2``. So batch norm and the sigmoid backward agree with the NumPy backend bit for bit;
-the sigmoid differs by its ``exp`` (:mod:`numpyside.kernels.fastexp`, a few ulp), the cross-entropy by the
-C library's ``exp``/``log`` and sequential sums (growing with B and C). :data:`TOLERANCE` bounds
-``max|numba - numpy| / max|numpy|``; the measurements behind it are in ``docs/performance.md``.
+no FMA contraction); ``error_model="numpy"`` (a division by zero gives inf/nan, and the dividing
+loops vectorise). Every kernel computes in the arrays' dtype and in the NumPy path's order of
+operations; a batch sum runs row by row, ``x[0] + x[1] + ... + x[B-1]`` per feature, which is
+NumPy's axis-0 order for ``n >= 2``. So batch norm and the sigmoid backward agree with the NumPy
+backend bit for bit; the sigmoid differs by its ``exp`` (:mod:`numpyside.kernels.fastexp`, a few
+ulp), the cross-entropy by the C library's ``exp``/``log`` and sequential sums (growing with B and
+C). The tests bound ``max|numba - numpy| / max|numpy|`` by ``compare.tolerances.NUMBA_VS_NUMPY``;
+the measurements behind it are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,6 @@ import numpy as np
 
 from numpyside.kernels import jit
 from numpyside.kernels.fastexp import exp_nonpositive
-
-#: Stated bound on ``max|numba - numpy| / max|numpy|`` per dtype: float32 1e-5 (84 ulp), float64
-#: 2e-14 (90 ulp), at least 3x above every measured case for B up to 4096 and C up to 1000, 20x
-#: above the training shape (B = 128, C = 10); held for the bit-identical kernels too, since NumPy's
-#: reduction order and SIMD code path may differ on another machine (docs/performance.md).
-TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 2e-14}
 
 _jit = jit.njit(fastmath=False, error_model="numpy", nogil=True)
 

@@ -1,7 +1,7 @@
 """The all-reduces of one synchronised training step, counted on both sides.
 
 JAX: the ``psum`` over ``"device"`` in the jaxprs of one device's step, traced with
-``axis_env=[("device", D)]`` and counted with :mod:`compare.jaxpr` (``count``, ``by_direction``):
+``axis_env=[("device", D)]`` and counted with :mod:`compare.studies.jaxpr` (``count``, ``by_direction``):
 batch norm's forward ones are those of ``jaxside.parallel.local_loss``, its backward ones what
 ``local_loss_and_grads`` (the VJP) adds, and the reduction of the loss and the gradients what
 ``device_step`` adds to that. NumPy: the calls to ``numpyside.parallel.AllReduce``.
@@ -13,19 +13,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+import jax
 import numpy as np
 
 from compare.contract.init import init_params, init_state
+from compare.studies.jaxpr import by_direction, count, is_named_collective
+from jaxside import parallel as jax_parallel
+from numpyside import parallel as numpy_parallel
 from numpyside.parallel import BACKWARD, BATCH_NORM, END, FORWARD, LOSS_AND_GRADIENTS, AllReduce
 
 
 def jax_counts(n_devices: int = 2, local_batch: int = 4, batch_norm: bool = True) -> Counter:
     """``Counter((phase, purpose) -> number of psum over "device")`` in one device's training step."""
-    import jax
-
-    from compare.jaxpr import by_direction, count, is_named_collective
-    from jaxside import parallel
-
     params, state = init_params(0, np.float32, batch_norm), init_state(np.float32, batch_norm)
     images = np.zeros((local_batch, params[0]["weight"].shape[0]), np.float32)
     labels = np.zeros(local_batch, np.int32)
@@ -33,14 +32,14 @@ def jax_counts(n_devices: int = 2, local_batch: int = 4, batch_norm: bool = True
     kw = dict(sync_batch_norm=True)
 
     def trace(function):
-        return jax.make_jaxpr(function, axis_env=[(parallel.DEVICE_AXIS, n_devices)])(params, state, images, labels)
+        return jax.make_jaxpr(function, axis_env=[(jax_parallel.DEVICE_AXIS, n_devices)])(params, state, images, labels)
 
-    forward = trace(lambda p, s, x, y: parallel.local_loss(p, s, x, y, n_total, **kw))
-    vjp = trace(lambda p, s, x, y: parallel.local_loss_and_grads(p, s, x, y, n_total, **kw))
-    step = trace(lambda p, s, x, y: parallel.device_step(p, s, x, y, n_total, **kw))
+    forward = trace(lambda p, s, x, y: jax_parallel.local_loss(p, s, x, y, n_total, **kw))
+    vjp = trace(lambda p, s, x, y: jax_parallel.local_loss_and_grads(p, s, x, y, n_total, **kw))
+    step = trace(lambda p, s, x, y: jax_parallel.device_step(p, s, x, y, n_total, **kw))
 
     def over_devices(eqn):
-        return is_named_collective(eqn, parallel.DEVICE_AXIS)
+        return is_named_collective(eqn, jax_parallel.DEVICE_AXIS)
 
     in_batch_norm = {phase: sum(c.values()) for phase, c in by_direction(forward, vjp, over_devices).items()}
     in_step = {name: sum(count(jaxpr, over_devices).values()) for name, jaxpr in (("vjp", vjp), ("step", step))}
@@ -56,14 +55,12 @@ def jax_counts(n_devices: int = 2, local_batch: int = 4, batch_norm: bool = True
 
 def numpy_counts(shards: int = 2, local_batch: int = 4, batch_norm: bool = True) -> Counter:
     """The same counts for ``numpyside.parallel.loss_and_grads`` (its :class:`AllReduce` calls)."""
-    from numpyside import parallel
-
     params, state = init_params(0, np.float64, batch_norm), init_state(np.float64, batch_norm)
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(shards * local_batch, params[0]["weight"].shape[0]))
     labels = rng.integers(0, 10, shards * local_batch)
     all_reduce = AllReduce()
-    parallel.loss_and_grads(params, state, images, labels, shards=shards, all_reduce=all_reduce)
+    numpy_parallel.loss_and_grads(params, state, images, labels, shards=shards, all_reduce=all_reduce)
     return all_reduce.counts()
 
 

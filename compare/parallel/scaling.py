@@ -17,13 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from compare import launcher
+from compare.contract import training
+from compare.contract.init import init_params, init_state
+from compare.parallel import launcher
+from jaxside import parallel
+from jaxside.train import Trainer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: (processes, devices per process) of the scaling table.
 CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))
 
@@ -31,12 +36,6 @@ CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))
 def throughput(args, mesh, data) -> dict:
     """Time ``args.epochs`` sharded epochs after compiling (every process takes part); with one
     process also the single-device ``jaxside.train.Trainer`` on the same batches."""
-    import jax
-
-    from compare.contract import training
-    from compare.contract.init import init_params, init_state
-    from jaxside import parallel
-
     train_x, train_y, _, _ = data
     params, state = init_params(args.seed, args.dtype), init_state(args.dtype)
     steps = len(train_x) // args.batch_size
@@ -46,8 +45,6 @@ def throughput(args, mesh, data) -> dict:
     result = {"devices": mesh.size, "processes": jax.process_count(), "batch_size": args.batch_size}
     trainers = {"sharded": parallel.Trainer(params, state, train_x, train_y, momentum=args.momentum, mesh=mesh)}
     if jax.process_count() == 1:
-        from jaxside.train import Trainer
-
         trainers["single_device"] = Trainer(params, state, train_x, train_y, momentum=args.momentum)
     samples = steps * args.batch_size * len(epochs)
     for key, trainer in trainers.items():

@@ -6,6 +6,7 @@
 * :func:`supervise`: waits for child processes; the first that fails, or the deadline, ends the
   others (by PID: terminate, then kill) and raises :class:`RunFailed` saying which and why.
 * :func:`watchdog`: ends this process with a message if a phase does not finish in time.
+* :func:`launch`: the ``--processes P`` processes of one ``python -m compare.parallel`` job.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RunFailed(RuntimeError):
@@ -139,3 +143,40 @@ def supervise(
     finally:
         for process in processes:
             end_process(process)
+
+
+def launch(args) -> int:
+    """Start ``args.processes`` local processes of one job and wait for them (bounded by ``--timeout``)."""
+    port = free_loopback_port()
+    address = f"127.0.0.1:{port}"
+    common = without(args.argv, {"--processes", "--devices", "--devices-per-process"})
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}  # logs current when a process fails
+    print(f"launching {args.processes} processes x {args.devices} devices, coordinator on {address}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` below ends the children
+    with tempfile.TemporaryDirectory(prefix="vmap-bn-parallel-") as folder:
+        logs = [Path(folder, f"process{i}.log") for i in range(args.processes)]
+        children = []
+        try:
+            for i in range(args.processes):
+                command = [
+                    *(sys.executable, "-m", "compare.parallel", *common),
+                    *("--coordinator", address, "--bind-address", address),
+                    *("--num-processes", str(args.processes), "--process-id", str(i)),
+                    *("--devices-per-process", str(args.devices)),
+                ]
+                with open(logs[i], "w") as log:
+                    children.append(
+                        subprocess.Popen(
+                            command,
+                            cwd=REPO_ROOT,
+                            env=env,
+                            stdout=None if i == 0 else log,
+                            stderr=log,
+                        )
+                    )
+            supervise(children, args.timeout, logs)
+        finally:
+            for child in children:
+                end_process(child)
+    return 0

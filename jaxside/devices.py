@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import re
 
+import jax
+from jax._src import xla_bridge
+
 from compare.contract import InputError
 
 FLAG = "--xla_force_host_platform_device_count"
@@ -26,20 +29,12 @@ def request_devices(count: int) -> None:
 
 def jax_started() -> bool:
     """Whether JAX's backends are already running (then the device count can no longer change)."""
-    import sys
-
-    if "jax" not in sys.modules:
-        return False
-    from jax._src import xla_bridge
-
     return bool(xla_bridge.backends_are_initialized())
 
 
 def checked_devices(count: int, *, started_earlier: bool = False) -> list:
     """The first ``count`` of ``jax.local_devices()``, or an InputError that says why there are fewer
     (``started_earlier``: JAX was already running before the devices could be requested)."""
-    import jax
-
     devices = jax.local_devices()
     if count > len(devices):
         raise InputError(
