@@ -156,13 +156,15 @@ def eval_logits(params: Params, state: State, images: Float[Array, "batch x"]) -
 
 
 @jax.jit
-def eval_pre_activations(
+def eval_logits_and_pre_activations(
     params: Params, state: State, images: Float[Array, "batch x"]
-) -> list[Float[Array, "batch n"]]:
-    """Eval-mode inputs of every hidden layer's sigmoid, ``(B, 100)`` each, unchecked (jitted)."""
+) -> tuple[Float[Array, "batch classes"], list[Float[Array, "batch n"]]]:
+    """Eval-mode logits ``(B, 10)`` and every hidden layer's sigmoid input ``(B, 100)``, from one
+    forward pass, unchecked (jitted)."""
 
     def one_example(image_vector):
-        return hidden_layers(params, state, image_vector, train=False)[2]
+        x, _, pre_activations = hidden_layers(params, state, image_vector, train=False)
+        return linear(x, params[-1]["weight"], params[-1]["bias"]), pre_activations
 
     return jax.vmap(one_example)(images)
 
@@ -210,7 +212,7 @@ def hidden_pre_activations(params, state, images) -> list[np.ndarray]:
     """Eval-mode input of each hidden layer's sigmoid, ``(B, 100)`` per layer (with batch norm:
     ``gamma * x_hat + beta`` with the running statistics; without: ``x @ W + b``)."""
     _, _, images, _ = check_inputs(params, state, images)
-    return to_numpy(eval_pre_activations(params, list(state or []), images))
+    return to_numpy(eval_logits_and_pre_activations(params, list(state or []), images)[1])
 
 
 _jitted_batched_forward = jax.jit(batched_forward, static_argnames="train")

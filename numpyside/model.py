@@ -135,9 +135,11 @@ def eval_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.
     return forward(params, state, images, train=False, backend=backend)[0]
 
 
-def eval_pre_activations(params, state, images, *, backend: str = DEFAULT_BACKEND) -> list[np.ndarray]:
-    """Eval-mode inputs of every hidden layer's sigmoid, ``(B, 100)`` each, unchecked."""
-    return hidden_layers(params, state, images, train=False, backend=backend)[3]
+def eval_logits_and_pre_activations(params, state, images, *, backend: str = DEFAULT_BACKEND):
+    """Eval-mode logits ``(B, 10)`` and every hidden layer's sigmoid input ``(B, 100)``, from one
+    forward pass, unchecked."""
+    x, _, _, pre_activations = hidden_layers(params, state, images, train=False, backend=backend)
+    return linear_forward(x, params[-1]["weight"], params[-1]["bias"])[0], pre_activations
 
 
 def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_BACKEND):
@@ -177,7 +179,8 @@ def hidden_pre_activations(params, state, images, *, backend: str = DEFAULT_BACK
     """Eval-mode input of each hidden layer's sigmoid, ``(B, 100)`` per layer (with batch norm:
     ``gamma * x_hat + beta`` with the running statistics; without: ``x @ W + b``)."""
     _, _, images, _ = check_inputs(params, state, images, backend=backend)
-    return eval_pre_activations(_as_numpy(params), _as_numpy(state or []), images, backend=backend)
+    params, state = _as_numpy(params), _as_numpy(state or [])
+    return eval_logits_and_pre_activations(params, state, images, backend=backend)[1]
 
 
 def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_BACKEND):
