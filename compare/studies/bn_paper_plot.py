@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter
 
 NETWORK_COLORS = {"no_batch_norm": "#d62728", "batch_norm": "#1f77b4"}
 NETWORK_LABELS = {"no_batch_norm": "without batch norm", "batch_norm": "with batch norm"}
@@ -45,13 +46,35 @@ def bn_paper_figure(report: dict) -> plt.Figure:
         "test images, eval mode",
         fontsize=10.5,
     )
-    handles = [
-        plt.Line2D([], [], color="0.3", **JAX_LINE, label="JAX side (per example, vmap + pmean)"),
-        plt.Line2D([], [], color="0.1", **NUMPY_LINE, label="NumPy side (batched, handwritten backward)"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9.5, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.legend(handles=_legend_handles(report), loc="lower center", ncol=4, fontsize=9.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.11, 1, 0.95))
     return fig
+
+
+def _steps_axis(ax) -> None:
+    ax.set_xlabel("training steps")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
+    ax.grid(alpha=0.3)
+
+
+def _legend_handles(report: dict) -> list:
+    """One legend for the three panels, under them (inside, it would hide some run's curves)."""
+    line = plt.Line2D
+    handles = [
+        line([], [], color="0.3", **JAX_LINE, label="JAX side (per example, vmap + pmean)"),
+        line([], [], color="0.1", **NUMPY_LINE, label="NumPy side (batched, handwritten backward)"),
+    ]
+    for name in ("no_batch_norm", "batch_norm"):
+        final = report[name]["final_test_accuracy"]["numpy"]
+        label = f"(a) {NETWORK_LABELS[name]}: final {100 * final:.2f} %"
+        handles.append(line([], [], color=NETWORK_COLORS[name], linewidth=3, label=label))
+    unit = report["protocol"]["unit"]
+    for percentile, color in zip(report["protocol"]["percentiles"], PERCENTILE_COLORS):
+        handles.append(
+            line([], [], color=color, linewidth=3, label=f"(b, c) sigmoid {unit}: {percentile}th percentile")
+        )
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="0.88", label="(b, c) 15th–85th, all units of the layer"))
+    return handles
 
 
 def _accuracy_panel(ax, report: dict) -> None:
@@ -60,16 +83,14 @@ def _accuracy_panel(ax, report: dict) -> None:
         run, color = report[name], NETWORK_COLORS[name]
         steps = run["steps"]
         for side, style in (("jax", JAX_LINE), ("numpy", NUMPY_LINE)):
-            label = f"{NETWORK_LABELS[name]}: {100 * run['final_test_accuracy'][side]:.2f} %" if side == "jax" else None
-            ax.plot(steps, run["test_accuracy"][side], color=color, label=label, **style)
+            ax.plot(steps, run["test_accuracy"][side], color=color, **style)
         later = [a for s, a in zip(steps, run["test_accuracy"]["numpy"]) if s >= 0.2 * steps[-1]]
         lows.append(min(later))
     # as the paper: the axis starts where the later part of the curves lives (early steps fall below)
     bottom = min(0.7, np.floor(min(lows) * 20) / 20)
     ax.set_ylim(max(0.0, bottom), 1.0)
-    ax.set(xlabel="training steps", ylabel="test accuracy", title="(a) test accuracy (eval mode)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9, title="final (JAX side)", title_fontsize=9)
+    ax.set(ylabel="test accuracy", title="(a) test accuracy (eval mode)")
+    _steps_axis(ax)
 
 
 def _percentile_limits(report: dict) -> tuple[float, float]:
@@ -86,16 +107,11 @@ def _percentile_panel(ax, report: dict, name: str, letter: str, limits) -> None:
     run = report[name]
     steps = run["steps"]
     pooled = np.asarray(run["percentiles_all_units"]["numpy"])
-    ax.fill_between(steps, pooled[:, 0], pooled[:, 2], color="0.88", linewidth=0, label="all units: 15th–85th")
-    for k, (percentile, color) in enumerate(zip(report["protocol"]["percentiles"], PERCENTILE_COLORS)):
+    ax.fill_between(steps, pooled[:, 0], pooled[:, 2], color="0.88", linewidth=0)
+    for k, color in enumerate(PERCENTILE_COLORS):
         for side, style in (("jax", JAX_LINE), ("numpy", NUMPY_LINE)):
             curve = np.asarray(run["percentiles"][side])[:, k]
-            ax.plot(steps, curve, color=color, label=f"{percentile}th" if side == "jax" else None, **style)
+            ax.plot(steps, curve, color=color, **style)
     ax.set_ylim(*limits)
-    ax.set(
-        xlabel="training steps",
-        ylabel="input of the sigmoid",
-        title=f"({letter}) {NETWORK_LABELS[name]}: 15th, 50th, 85th percentiles",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8.5, ncol=2)
+    ax.set(ylabel="input of the sigmoid", title=f"({letter}) {NETWORK_LABELS[name]}: 15th, 50th, 85th percentiles")
+    _steps_axis(ax)
