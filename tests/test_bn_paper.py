@@ -44,6 +44,28 @@ def test_quick_run_passes_and_writes_both_files(quick_run):
     assert image.imread(out / "bn_paper.png").shape[:2] == (528, 1760)  # figsize (16, 4.8) at 110 dpi
 
 
+def test_figure_draws_each_panels_curves(quick_run):
+    """Panel (a) holds both networks' colours, (c) the three percentiles', (b) percentile curves
+    (pixels of the NumPy side's opaque dashed lines, above the legend row; a quick run draws hundreds
+    of each; without batch norm the three percentiles still lie on top of each other after 300 steps)."""
+    from matplotlib import colors, image
+
+    from compare.studies.bn_paper_plot import NETWORK_COLORS, PERCENTILE_COLORS
+
+    pixels = image.imread(quick_run[2] / "bn_paper.png")[..., :3]
+    third, above_legend = pixels.shape[1] // 3, int(0.85 * pixels.shape[0])
+
+    def n_near(panel: int, color: str) -> int:
+        region = pixels[:above_legend, panel * third : (panel + 1) * third]
+        return int(np.sum(np.all(np.abs(region - colors.to_rgb(color)) < 0.08, axis=-1)))
+
+    for color in NETWORK_COLORS.values():
+        assert n_near(0, color) > 100 and n_near(1, color) == n_near(2, color) == 0, color
+    for color in PERCENTILE_COLORS:
+        assert n_near(0, color) == 0 and n_near(2, color) > 50, color
+    assert sum(n_near(1, color) for color in PERCENTILE_COLORS) > 100
+
+
 def test_json_has_the_issues_shape(quick_run):
     _, report, _ = quick_run
     assert {"config", "batch_norm", "no_batch_norm"} <= set(report)
