@@ -19,7 +19,7 @@ import pytest
 from compare import training
 from compare.contract import InputError
 from compare.init import init_params
-from compare.studies import bn_paper
+from compare.studies import bn_paper, bn_paper_lockstep
 from jaxside import model as jax_model
 from numpyside import model as numpy_model
 from tests.helpers import random_params, random_state
@@ -92,15 +92,18 @@ def test_json_has_the_issues_shape(quick_run):
             ]
             assert step == (reached[0] if reached else None)
         assert isinstance(run["max_param_diff"], float) and run["max_param_diff"] >= 0
+        assert len(run["param_diff"]) == len(expected_steps) and run["param_diff"][0] == 0.0  # same start
+        assert run["max_param_diff"] == run["param_diff"][-1]
 
 
 def test_sides_agree_within_the_stated_tolerance(quick_run):
     """The lockstep pairs agree; and they moved (a run that trained nothing would agree trivially)."""
     _, report, _ = quick_run
-    tolerance = bn_paper.TOLERANCES[report["config"]["dtype"]]
+    tolerance = bn_paper_lockstep.TOLERANCES[report["config"]["dtype"]]
     assert report["tolerances"] == tolerance
     for name in ("batch_norm", "no_batch_norm"):
         run = report[name]
+        assert run["step0"]["ok"] and run["step0"]["max_rel_err"] <= run["step0"]["tolerance"] == 1e-4
         for key, value in run["agreement"].items():
             assert value <= tolerance[key], (name, key, value)
         assert run["max_param_diff"] < 1e-5  # float32, 300 steps: ~1e-7 measured
@@ -159,20 +162,31 @@ def test_hidden_pre_activations_are_the_sigmoid_inputs_on_both_sides(batch_norm)
 
 
 def test_batch_plan_is_the_projects_epochs_one_after_another():
-    plan = bn_paper.batch_plan(600, 60, 25, seed=4)
+    plan = bn_paper_lockstep.batch_plan(600, 60, 25, seed=4)
     rng = training.batch_rng(4)
     epochs = [training.epoch_batches(600, 60, rng) for _ in range(3)]
     np.testing.assert_array_equal(plan, np.concatenate(epochs)[:25])
-    assert bn_paper.evaluation_steps(25, 10) == [0, 10, 20, 25]
-    assert bn_paper.steps_to([0, 10, 20], [0.5, 0.91, 0.96], 0.9) == 10
-    assert bn_paper.steps_to([0, 10], [0.5, 0.6], 0.9) is None
+    assert bn_paper_lockstep.evaluation_steps(25, 10) == [0, 10, 20, 25]
+    assert bn_paper_lockstep.steps_to([0, 10, 20], [0.5, 0.91, 0.96], 0.9) == 10
+    assert bn_paper_lockstep.steps_to([0, 10], [0.5, 0.6], 0.9) is None
 
 
-def test_a_disagreement_beyond_tolerance_is_reported():
-    run = {"agreement": {"accuracy": 0.01, "percentiles": 0.0, "max_param_diff": 0.0}}
-    run["agreement_ok"] = {key: value <= bn_paper.TOLERANCES["float32"][key] for key, value in run["agreement"].items()}
-    (failure,) = bn_paper.failures_of({"batch_norm": run}, "float32")
-    assert failure.startswith("batch_norm: accuracy 1.00e-02 > tolerance")
+def test_disagreements_are_reported_and_step_0_tells_formulas_from_dynamics():
+    """A trajectory beyond tolerance fails; if step 0 agreed, a note says how the difference grew;
+    a step 0 beyond tolerance fails as different formulas, and no note excuses it."""
+    tolerance = bn_paper_lockstep.TOLERANCES["float32"]
+    step0 = {"max_rel_err": 1e-7, "quantity": "loss", "tolerance": 1e-4, "ok": True}
+    run = {"agreement": {"accuracy": 0.01, "percentiles": 0.0, "max_param_diff": 0.0}, "step0": step0}
+    run.update(steps=[0, 500, 1000], param_diff=[0.0, 1e-6, 0.5])
+    run["agreement_ok"] = {key: value <= tolerance[key] for key, value in run["agreement"].items()}
+    (failure,) = bn_paper_lockstep.failures_of({"batch_norm": run}, "float32")
+    assert failure.startswith("batch_norm: accuracy 1.00e-02 > tolerance 2e-03")
+    (note,) = bn_paper_lockstep.divergence_notes({"batch_norm": run})
+    assert "grew from 1.0e-06 at step 500 to 5.0e-01 at step 1,000" in note
+    broken = {**run, "step0": {**step0, "max_rel_err": 0.1, "ok": False}}
+    failures = bn_paper_lockstep.failures_of({"batch_norm": broken}, "float32")
+    assert len(failures) == 2 and "the sides compute different formulas" in failures[0]
+    assert bn_paper_lockstep.divergence_notes({"batch_norm": broken}) == []
 
 
 @pytest.mark.parametrize(
