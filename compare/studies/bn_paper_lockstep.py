@@ -108,9 +108,8 @@ def make_sides(params, state, train_x, train_y, test_x):
     numpy_trainer = FastTrainer(params, state, train_x, train_y, momentum=0.0)
     jax_evaluate, test_on_device = _jax_evaluator(), jax.device_put(test_x)
 
-    def evaluate_jax():
-        predictions, pre = jax_evaluate(jax_trainer.params, jax_trainer.state, test_on_device)
-        return np.asarray(predictions), np.asarray(pre)
+    def evaluate_jax():  # JAX arrays: dispatched, not waited for (the NumPy side evaluates meanwhile)
+        return jax_evaluate(jax_trainer.params, jax_trainer.state, test_on_device)
 
     def evaluate_numpy():
         logits, pre_activations = numpy_model.eval_logits_and_pre_activations(
@@ -141,15 +140,18 @@ def max_param_diff(trainers: dict) -> float:
 
 
 def record_evaluation(record: dict, step: int, sides: dict, test_y: np.ndarray) -> None:
-    """Evaluate both sides now and append to ``record``."""
+    """Evaluate both sides now and append to ``record``. (The pooled percentiles of all units are
+    taken in the activations' dtype: a float64 copy of 10,000 x 100 values would cost more than
+    the partition itself.)"""
     record["steps"].append(step)
-    for side, (_, evaluate) in sides.items():
-        predictions, pre = evaluate()
+    outputs = {side: evaluate() for side, (_, evaluate) in sides.items()}
+    for side, (predictions, pre) in outputs.items():
+        predictions, pre = np.asarray(predictions), np.asarray(pre)
         record["predictions"][side] = predictions
         record["test_accuracy"][side].append(float(np.mean(predictions == test_y)))
-        pre = pre.astype(np.float64)
-        record["percentiles"][side].append(np.percentile(pre[:, UNIT], PERCENTILES).tolist())
-        record["percentiles_all_units"][side].append(np.percentile(pre, PERCENTILES).tolist())
+        unit = pre[:, UNIT].astype(np.float64)
+        record["percentiles"][side].append(np.percentile(unit, PERCENTILES).tolist())
+        record["percentiles_all_units"][side].append(np.percentile(pre, PERCENTILES).astype(np.float64).tolist())
     record["param_diff"].append(max_param_diff({side: trainer for side, (trainer, _) in sides.items()}))
 
 
