@@ -87,12 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     positive_float = _number(float, minimum=0.0, inclusive=False, what="a positive finite number")
     add = parser.add_argument
     add("--lr", type=positive_float, default=d["lr"], help="constant SGD learning rate (default %(default)s)")
-    add("--init-std", type=positive_float, default=d["init_std"], help="std of the N(0, std^2) weights (%(default)s)")
-    add("--steps", type=_number(int, minimum=1, inclusive=True, what="a positive integer"), default=d["steps"])
+    add(
+        "--init-std",
+        type=positive_float,
+        default=d["init_std"],
+        help="std of the N(0, std^2) initial weights (default %(default)s)",
+    )
+    add(
+        "--steps",
+        type=_number(int, minimum=1, inclusive=True, what="a positive integer"),
+        default=d["steps"],
+        help="SGD steps per model (default %(default)s)",
+    )
     add(
         "--batch-size",
         type=_number(int, minimum=2, inclusive=True, what="an integer of at least 2 (batch norm needs a variance)"),
         default=d["batch_size"],
+        help="examples per mini-batch (default %(default)s)",
     )
     add(
         "--eval-every",
@@ -100,9 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["eval_every"],
         help="evaluate on the test set every N steps (default %(default)s)",
     )
-    add("--seed", type=_number(int, minimum=0, inclusive=True, what="a non-negative integer"), default=d["seed"])
-    add("--dtype", choices=["float32", "float64"], default=d["dtype"])
-    add("--out", type=Path, default=Path("."), help="folder for bn_paper.json and bn_paper.png")
+    add(
+        "--seed",
+        type=_number(int, minimum=0, inclusive=True, what="a non-negative integer"),
+        default=d["seed"],
+        help="seed of the initial weights and of the batch order (default %(default)s)",
+    )
+    add("--dtype", choices=["float32", "float64"], default=d["dtype"], help="default %(default)s")
+    add("--out", type=Path, default=Path("."), help="folder for bn_paper.json and bn_paper.png (default: here)")
     add("--quick", action="store_true", help=f"{QUICK['steps']} steps, evaluated every {QUICK['eval_every']}")
     return parser
 
