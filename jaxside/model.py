@@ -10,6 +10,7 @@ NumPy out), validated by :func:`compare.contract.check_inputs`:
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
 * ``train_logits(params, state, images) -> logits (B, 10)`` (training mode, batch statistics)
+* ``hidden_pre_activations(params, state, images) -> [(B, 100)] * 3`` (eval mode, each sigmoid's input)
 * ``per_example_grads(params, state, images, labels, *, train=True) -> (losses, grads, new_state)`` (leaves (B, ...))
 """
 
@@ -75,8 +76,30 @@ def forward_pass(
             f"forward_pass takes ONE image vector of shape (784,), got shape {image_vector.shape}; "
             "for a batch use jax.vmap(forward_pass, in_axes=(None, None, 0), axis_name='batch')"
         )
+    x, new_state, _ = hidden_layers(
+        params, state, image_vector, train=train, axis_name=axis_name, bn_momentum=bn_momentum
+    )
+    logits = linear(x, params[-1]["weight"], params[-1]["bias"])
+    assert logits.ndim == 1, logits.shape
+    return logits, new_state
+
+
+def hidden_layers(
+    params: Params,
+    state: State,
+    image_vector: Float[Array, " x"],
+    *,
+    train: bool,
+    axis_name: str | tuple[str, ...] = BATCH_AXIS,
+    bn_momentum: float | Float[Array, ""] = BN_MOMENTUM,
+) -> tuple[Float[Array, " n"], State, list[Float[Array, " n"]]]:
+    """The hidden layers of :func:`forward_pass` for ONE image: ``(output, new_state, pre_activations)``.
+
+    ``pre_activations[i]`` is the input of layer ``i``'s sigmoid: ``x @ W + b``, or with batch norm
+    ``gamma * x_hat + beta`` (batch statistics with ``train=True``, running ones without).
+    """
     x = image_vector
-    new_state = []
+    new_state, pre_activations = [], []
     for i, layer in enumerate(params[:-1]):
         x = linear(x, layer["weight"], layer.get("bias"))
         if "gamma" in layer:
@@ -86,10 +109,9 @@ def forward_pass(
             else:
                 x = batchnorm_eval(x, layer["gamma"], layer["beta"], state[i]["mean"], state[i]["var"])
                 new_state.append(state[i])
+        pre_activations.append(x)
         x = sigmoid(x)
-    logits = linear(x, params[-1]["weight"], params[-1]["bias"])
-    assert logits.ndim == 1, logits.shape
-    return logits, new_state
+    return x, new_state, pre_activations
 
 
 def batched_forward(
@@ -133,6 +155,20 @@ def eval_logits(params: Params, state: State, images: Float[Array, "batch x"]) -
     return batched_forward(params, state, images, train=False)[0]
 
 
+@jax.jit
+def eval_logits_and_pre_activations(
+    params: Params, state: State, images: Float[Array, "batch x"]
+) -> tuple[Float[Array, "batch classes"], list[Float[Array, "batch n"]]]:
+    """Eval-mode logits ``(B, 10)`` and every hidden layer's sigmoid input ``(B, 100)``, from one
+    forward pass, unchecked (jitted)."""
+
+    def one_example(image_vector):
+        x, _, pre_activations = hidden_layers(params, state, image_vector, train=False)
+        return linear(x, params[-1]["weight"], params[-1]["bias"]), pre_activations
+
+    return jax.vmap(one_example)(images)
+
+
 def check_float64_enabled(dtype: np.dtype) -> None:
     """Refuse float64 when JAX's 64-bit mode is off: JAX would silently compute in float32."""
     if np.dtype(dtype) == np.float64 and not jax.config.jax_enable_x64:
@@ -170,6 +206,13 @@ def predict_logits(params, state, images) -> np.ndarray:
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
     _, _, images, _ = check_inputs(params, state, images)
     return np.asarray(eval_logits(params, list(state or []), images))
+
+
+def hidden_pre_activations(params, state, images) -> list[np.ndarray]:
+    """Eval-mode input of each hidden layer's sigmoid, ``(B, 100)`` per layer (with batch norm:
+    ``gamma * x_hat + beta`` with the running statistics; without: ``x @ W + b``)."""
+    _, _, images, _ = check_inputs(params, state, images)
+    return to_numpy(eval_logits_and_pre_activations(params, list(state or []), images)[1])
 
 
 _jitted_batched_forward = jax.jit(batched_forward, static_argnames="train")

@@ -10,6 +10,7 @@ validated by :func:`compare.contract.check_inputs`:
 * ``loss_and_grads(params, state, images, labels) -> (loss, grads, new_state)`` (training mode)
 * ``predict_logits(params, state, images) -> logits (B, 10)`` (eval mode, running statistics)
 * ``train_logits(params, state, images) -> logits (B, 10)`` (training mode, batch statistics)
+* ``hidden_pre_activations(params, state, images) -> [(B, 100)] * 3`` (eval mode, each sigmoid's input)
 * ``per_example_grads(params, state, images, labels, *, train=True) -> (losses, grads, new_state)`` (leaves (B, ...))
 
 All take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
@@ -44,8 +45,20 @@ def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DE
     (over axis 0: the batched counterpart of ``jaxside``'s ``pmean`` over the named axis) and the
     running statistics are updated; with ``train=False`` it uses ``state``, returned unchanged.
     """
+    x, new_state, caches, _ = hidden_layers(params, state, images, train=train, backend=backend)
+    logits, output_cache = linear_forward(x, params[-1]["weight"], params[-1]["bias"])
+    caches.append(output_cache)
+    return logits, new_state, caches
+
+
+def hidden_layers(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_BACKEND):
+    """The hidden layers of :func:`forward`: ``(output, new_state, caches, pre_activations)``.
+
+    ``pre_activations[i]`` (B, n) is the input of layer ``i``'s sigmoid: ``x @ W + b``, or with
+    batch norm ``gamma * x_hat + beta`` (batch statistics with ``train=True``, running ones without).
+    """
     x = images
-    new_state, caches = [], []
+    new_state, caches, pre_activations = [], [], []
     for i, layer in enumerate(params[:-1]):
         x, linear_cache = linear_forward(x, layer["weight"], layer.get("bias"))
         bn_cache = None
@@ -56,11 +69,10 @@ def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DE
             else:
                 x = batchnorm_eval(x, layer["gamma"], layer["beta"], state[i]["mean"], state[i]["var"], backend=backend)
                 new_state.append(state[i])
+        pre_activations.append(x)
         x, sigmoid_cache = sigmoid_forward(x, backend=backend)
         caches.append((linear_cache, bn_cache, sigmoid_cache))
-    logits, output_cache = linear_forward(x, params[-1]["weight"], params[-1]["bias"])
-    caches.append(output_cache)
-    return logits, new_state, caches
+    return x, new_state, caches, pre_activations
 
 
 def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEND) -> list[dict[str, np.ndarray]]:
@@ -112,6 +124,13 @@ def eval_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.
     return forward(params, state, images, train=False, backend=backend)[0]
 
 
+def eval_logits_and_pre_activations(params, state, images, *, backend: str = DEFAULT_BACKEND):
+    """Eval-mode logits ``(B, 10)`` and every hidden layer's sigmoid input ``(B, 100)``, from one
+    forward pass, unchecked."""
+    x, _, _, pre_activations = hidden_layers(params, state, images, train=False, backend=backend)
+    return linear_forward(x, params[-1]["weight"], params[-1]["bias"])[0], pre_activations
+
+
 def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_BACKEND):
     """:func:`compare.contract.check_inputs`, plus: ``backend`` must be one of ``BACKENDS``."""
     check_backend(backend)
@@ -143,6 +162,14 @@ def train_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np
     """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
     _, _, images, _ = check_inputs(params, state, images, train=True, backend=backend)
     return forward(_as_numpy(params), _as_numpy(state or []), images, train=True, backend=backend)[0]
+
+
+def hidden_pre_activations(params, state, images, *, backend: str = DEFAULT_BACKEND) -> list[np.ndarray]:
+    """Eval-mode input of each hidden layer's sigmoid, ``(B, 100)`` per layer (with batch norm:
+    ``gamma * x_hat + beta`` with the running statistics; without: ``x @ W + b``)."""
+    _, _, images, _ = check_inputs(params, state, images, backend=backend)
+    params, state = _as_numpy(params), _as_numpy(state or [])
+    return eval_logits_and_pre_activations(params, state, images, backend=backend)[1]
 
 
 def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_BACKEND):

@@ -5,6 +5,11 @@ Initialisation (Glorot/Xavier uniform, the standard choice for sigmoid layers):
     weight[i] ~ U(-a, a),  a = sqrt(6 / (fan_in + fan_out))
     bias = 0,  gamma = 1,  beta = 0
 
+or, with ``weight_std=s``, Gaussian weights ``weight[i] ~ N(0, s^2)`` (the batch-norm paper's
+MNIST protocol, :mod:`compare.studies.bn_paper`). The weights are drawn before any other
+parameter and only weights are drawn, so a network with batch norm and one without start from the
+same weights for the same seed.
+
 All draws come from ``numpy.random.default_rng(seed)`` in float64, layer by layer, in the order of
 the layout, and are then rounded to ``dtype``. So the result depends on the seed alone, and the
 float32 parameters are exactly the float64 ones rounded to float32.
@@ -24,15 +29,24 @@ def _resolve_dtype(dtype) -> np.dtype:
     return resolved
 
 
-def init_params(seed: int, dtype=np.float32, batch_norm: bool = True) -> list[dict[str, np.ndarray]]:
-    """Glorot-uniform weights, zero biases, unit gamma, zero beta; reproducible from ``seed``."""
+def init_params(
+    seed: int, dtype=np.float32, batch_norm: bool = True, *, weight_std: float | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Glorot-uniform weights (or ``N(0, weight_std^2)`` ones), zero biases, unit gamma, zero beta;
+    reproducible from ``seed``."""
     dtype = _resolve_dtype(dtype)
+    if weight_std is not None and not (np.isfinite(weight_std) and weight_std > 0):
+        raise InputError(f"weight_std must be a positive finite number, got {weight_std}")
     rng = np.random.default_rng(seed)
     params = []
     for shapes in param_shapes(batch_norm):
         fan_in, fan_out = shapes["weight"]
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        layer = {"weight": rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)}
+        if weight_std is None:
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            weight = rng.uniform(-limit, limit, size=(fan_in, fan_out))
+        else:
+            weight = rng.normal(0.0, weight_std, size=(fan_in, fan_out))
+        layer = {"weight": weight.astype(dtype)}
         for key, shape in shapes.items():
             if key == "gamma":
                 layer[key] = np.ones(shape, dtype)
