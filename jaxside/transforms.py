@@ -71,6 +71,7 @@ class StateNotSharedError(InputError):
 # ------------------------------------------------------------------------------------------------
 
 _UNBOUND = re.compile(r"unbound axis name: ([^\s.]+)")
+_STATE_BATCHED = re.compile(r"got axis spec None but output was batched|has mapped output .*but out_axes is None")
 _FIX_NAMES = (
     "name the same axis in the function's collectives (jax.lax.pmean(x, {axis!r}), "
     "eqx.nn.BatchNorm(..., axis_name={axis!r}), flax.linen.BatchNorm(axis_name={axis!r}))"
@@ -94,7 +95,7 @@ def _explained(transform: str, axis_name: AxisName):
             + ", or wrap it in the transform that binds it (ensemble(..., axis_name=...), data_parallel(mesh, ...))"
         ) from error
     except ValueError as error:
-        if "got axis spec None but output was batched" not in str(error):
+        if not _STATE_BATCHED.search(str(error)):
             raise
         raise StateNotSharedError(
             f"the new_state returned by the function given to {transform} differs between the examples of "
