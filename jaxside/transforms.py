@@ -150,6 +150,21 @@ def _ghost_mean(states: PyTree) -> PyTree:
     return jtu.tree_map(lambda s: s.mean(axis=0) if jnp.issubdtype(s.dtype, jnp.inexact) else s[0], states)
 
 
+def _split_arrays(tree: PyTree) -> tuple[list, Callable[[list], PyTree]]:
+    """The array leaves of ``tree`` (what a ``vmap`` or ``shard_map`` may take as arguments), and how to
+    put them back; other leaves (flags, strings, Python numbers) stay in ``tree``, closed over."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
+
+    def rebuild(arrays: list) -> PyTree:
+        merged = list(leaves)
+        for i, array in zip(where, arrays):
+            merged[i] = array
+        return jtu.tree_unflatten(treedef, merged)
+
+    return [leaves[i] for i in where], rebuild
+
+
 # ------------------------------------------------------------------------------------------------
 # a batch: vmap over the examples (and over ghost batches)
 # ------------------------------------------------------------------------------------------------
@@ -291,19 +306,18 @@ def _member_count(params: PyTree, state: PyTree) -> int:
     return next(iter(sizes))
 
 
-def _hyper_axes(hyper: dict, n_members: int) -> dict:
-    """0 for a hyper-parameter leaf with one value per member (leading axis M), None for a scalar."""
-
-    def axis(path, leaf):
+def _hyper_axes(hyper: dict, n_members: int) -> list:
+    """0 for a hyper-parameter array with one value per member (leading axis M), None for a scalar."""
+    axes = []
+    for path, leaf in jtu.tree_flatten_with_path(hyper)[0]:
         shape = np.shape(leaf)
         if shape and shape[0] != n_members:
             raise InputError(
                 f"hyper-parameter {path[0].key}{jtu.keystr(path[1:])} has shape {shape}, but the ensemble has "
                 f"{n_members} members: give one value per member (leading axis {n_members}) or a scalar for all"
             )
-        return 0 if shape else None
-
-    return jtu.tree_map_with_path(axis, hyper)
+        axes.append(0 if shape else None)
+    return axes
 
 
 def ensemble(batch_fn: Fn, *, axis_name: str = MEMBER_AXIS, shared_batch: bool = True) -> Fn:
@@ -328,14 +342,15 @@ def ensemble(batch_fn: Fn, *, axis_name: str = MEMBER_AXIS, shared_batch: bool =
                         f"batch per member, (members, batch, ...)), got shape {np.shape(array)}; for one batch "
                         "shared by every member use shared_batch=True"
                     )
-        in_axes = (0, 0, *[None if shared_batch else 0] * len(batch), _hyper_axes(hyper, n_members))
+        arrays, rebuild = _split_arrays(hyper)
+        in_axes = (0, 0, *[None if shared_batch else 0] * len(batch), _hyper_axes(rebuild(arrays), n_members))
 
         def one_member(p, s, *args):
-            *member_batch, member_hyper = args
-            return batch_fn(p, s, *member_batch, **member_hyper)
+            *member_batch, member_arrays = args
+            return batch_fn(p, s, *member_batch, **rebuild(member_arrays))
 
         with _explained("ensemble", axis_name):
-            return jax.vmap(one_member, in_axes=in_axes, axis_name=axis_name)(params, state, *batch, hyper)
+            return jax.vmap(one_member, in_axes=in_axes, axis_name=axis_name)(params, state, *batch, arrays)
 
     return g
 
@@ -421,8 +436,8 @@ def data_parallel(f: Fn, mesh: Mesh, axis_name: str, *, split_outputs: PyTree = 
     n_devices = mesh.shape[axis_name]
     out_specs = jtu.tree_map(lambda split: P(axis_name) if split else P(), split_outputs)
 
-    def on_device(params, state, batch, hyper):
-        return _reduce_outputs(f(params, state, *batch, **hyper), split_outputs, axis_name)
+    def on_device(params, state, batch, hyper_arrays, rebuild):
+        return _reduce_outputs(f(params, state, *batch, **rebuild(hyper_arrays)), split_outputs, axis_name)
 
     def fn(params: PyTree, state: PyTree, *batch: PyTree[Shaped[Array, "batch ..."]], **hyper):
         size = _leading_size(batch, "the batch arguments (images, labels, ...)")
@@ -431,10 +446,15 @@ def data_parallel(f: Fn, mesh: Mesh, axis_name: str, *, split_outputs: PyTree = 
                 f"a batch of {size} examples cannot be split evenly over the {n_devices} devices of mesh axis "
                 f"{axis_name!r}: choose a batch size divisible by {n_devices}"
             )
+        arrays, rebuild = _split_arrays(hyper)
         sharded = jax.shard_map(
-            on_device, mesh=mesh, in_specs=(P(), P(), P(axis_name), P()), out_specs=out_specs, check_vma=False
+            functools.partial(on_device, rebuild=rebuild),
+            mesh=mesh,
+            in_specs=(P(), P(), P(axis_name), P()),
+            out_specs=out_specs,
+            check_vma=False,
         )
         with _explained("data_parallel", axis_name):
-            return sharded(params, state, batch, hyper)
+            return sharded(params, state, batch, arrays)
 
     return fn
