@@ -67,12 +67,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("every ghost batch needs at least 2 examples (the variance of one is undefined)")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.asarray(logits, np.float64) - np.max(logits, axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _drift_per_member(params_a, params_b) -> list[float]:
     n_members = params_a[0]["weight"].shape[0]
     return [
@@ -97,6 +91,7 @@ def run_ensemble(args: argparse.Namespace, data, console: Console) -> dict:
     from compare.run import DISAGREEMENT_TOLERANCE, DRIFT_TOLERANCE
     from compare.sides import jax_side, numpy_side
     from jaxside import ensemble as jax_ensemble
+    from jaxside.transforms import ensemble_probabilities
     from numpyside import blas
     from numpyside import ensemble as numpy_ensemble
     from numpyside.fast_ensemble import FastEnsembleTrainer
@@ -141,7 +136,7 @@ def run_ensemble(args: argparse.Namespace, data, console: Console) -> dict:
             train_s[key] += time.perf_counter() - start
             logits = trainer.predict_logits(test_x)
             predictions[key] = np.argmax(logits, axis=-1)
-            ensemble_predictions[key] = np.argmax(_softmax(logits).mean(axis=0), axis=-1)
+            ensemble_predictions[key] = np.argmax(ensemble_probabilities(logits), axis=-1)
         for single in singles.values():
             single.epoch(orders[0], rates)
         rows.append(
