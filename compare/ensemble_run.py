@@ -24,15 +24,10 @@ from compare.metrics import max_tree_err, member
 from compare.sides import jax_side, numpy_side
 from compare.tables import print_ensemble
 from jaxside import ensemble as jax_ensemble
+from jaxside.transforms import ensemble_probabilities
 from numpyside import ensemble as numpy_ensemble
 
 SIDES = ("jax", "numpy")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.asarray(logits, np.float64) - np.max(logits, axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def drift_per_member(params_a, params_b) -> list[float]:
@@ -71,7 +66,7 @@ def epoch_row(epoch: int, trainers: dict, losses: dict, test_x, test_y) -> dict:
     """One epoch of the report's ensemble section: per-member losses, accuracies and differences."""
     logits = {key: trainer.predict_logits(test_x) for key, trainer in trainers.items()}
     predictions = {key: np.argmax(value, axis=-1) for key, value in logits.items()}
-    pooled = {key: np.argmax(_softmax(value).mean(axis=0), axis=-1) for key, value in logits.items()}
+    pooled = {key: np.argmax(ensemble_probabilities(value), axis=-1) for key, value in logits.items()}
     return {
         "epoch": epoch + 1,
         "train_loss": {key: losses[key].tolist() for key in SIDES},

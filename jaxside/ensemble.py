@@ -1,5 +1,6 @@
 """An ensemble of ``M`` batch-normed models in one program: the per-example ``forward_pass``, unchanged,
-under nested ``vmap``s. Mirror: :mod:`numpyside.ensemble`; layout and checks: :mod:`compare.contract.ensemble`.
+under the nested ``vmap``s of :mod:`jaxside.transforms` (``ensemble``, ``batch_loss``).
+Mirror: :mod:`numpyside.ensemble`; layout and checks: :mod:`compare.contract.ensemble`.
 
 * outer ``vmap`` over members, ``axis_name="member"`` (stacked parameters, state and momenta);
 * a ``vmap`` over ghost batches, ``axis_name="ghost"`` (``G`` sub-batches of consecutive examples);
@@ -23,13 +24,18 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from compare.contract import ensemble as ensemble_contract
+from jaxside import transforms
 from jaxside.devices import checked_devices
-from jaxside.layers import BATCH_AXIS, cross_entropy
-from jaxside.model import batched_forward, check_float64_enabled, forward_pass, to_numpy
+from jaxside.layers import BATCH_AXIS
+from jaxside.model import check_float64_enabled, example_loss, forward_pass, to_numpy
 from jaxside.train import sgd_momentum
 
-MEMBER_AXIS = "member"
-GHOST_AXIS = "ghost"
+MEMBER_AXIS = transforms.MEMBER_AXIS
+
+
+def _statistics_axes(pool_members: bool) -> str | tuple[str, str]:
+    """Batch norm's axes: each member's own batch, or every member's (pooled statistics)."""
+    return (MEMBER_AXIS, BATCH_AXIS) if pool_members else BATCH_AXIS
 
 
 def member_forward(
@@ -41,56 +47,32 @@ def member_forward(
     pool_members: bool,
     ghost_batches: int,
 ):
-    r"""One member's training-mode logits ``(B, 10)`` and new running statistics.
+    r"""One member's training-mode logits ``(B, 10)`` and new running statistics:
+    :func:`jaxside.transforms.batch_apply` of ``forward_pass``.
 
     The batch is split into ``G`` ghost batches of ``n = B / G`` consecutive examples, each
     normalised with its own statistics (``pmean`` over ``"batch"``; with ``pool_members``, over
     ``("member", "batch")``, i.e. all ``M x B`` examples). Each ghost batch's ``forward_pass``
     returns its momentum step; the new state is their mean over the ghosts,
     ``(1 - m) r + m \tfrac1G \sum_g \mu_g`` (and the unbiased variances alike).
-
-    ``G = 1`` runs without the ghost ``vmap``. (A ghost axis of size 1 gives the same losses and
-    gradients bit for bit, but XLA fuses the running variance's reduction differently there, 1 ulp.)
     """
-    axis_name = (MEMBER_AXIS, BATCH_AXIS) if pool_members else BATCH_AXIS
-
-    def one_example(image_vector):
-        return forward_pass(params, state, image_vector, train=True, axis_name=axis_name, bn_momentum=bn_momentum)
-
-    def one_ghost(ghost_images):
-        return jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(ghost_images)
-
-    if ghost_batches == 1:  # the plain nested vmap: G = 1 IS the default program, bit for bit
-        return one_ghost(images)
-    ghosts = images.reshape(ghost_batches, -1, images.shape[-1])
-    logits, ghost_states = jax.vmap(one_ghost, axis_name=GHOST_AXIS)(ghosts)
-    new_state = jax.tree_util.tree_map(lambda s: s.mean(axis=0), ghost_states)
-    return logits.reshape(images.shape[0], -1), new_state
-
-
-def member_batch_loss(params, state, images, labels: Int[Array, " batch"], bn_momentum, **options):
-    """One member's mean cross-entropy over its ``B`` examples (as ``jaxside.model.batch_loss``),
-    and its new running statistics; ``options`` go to :func:`member_forward`."""
-    logits, new_state = member_forward(params, state, images, bn_momentum, **options)
-    return jax.vmap(cross_entropy)(logits, labels).mean(), new_state
+    forward = functools.partial(forward_pass, train=True, axis_name=_statistics_axes(pool_members))
+    return transforms.batch_apply(forward, ghost_batches=ghost_batches)(params, state, images, bn_momentum=bn_momentum)
 
 
 def batch_loss_and_grads(
     params, state, images, labels, bn_momentum, *, per_member: bool, pool_members: bool, ghost_batches: int
 ):
-    """``jax.value_and_grad`` of :func:`member_batch_loss`, vmapped over ``"member"``.
+    """Every member's loss, gradients and new running statistics: :func:`jaxside.transforms.ensemble`
+    of ``with_grads(batch_loss(example_loss))``, the member ``vmap`` around the batch ``vmap``.
 
     With pooled statistics the transposed ``pmean`` over ``("member", "batch")`` carries cotangents
     across members, so member ``k``'s gradient is that of the SUM of the members' losses.
     """
-    loss_fn = functools.partial(member_batch_loss, pool_members=pool_members, ghost_batches=ghost_batches)
-    batch_axis = 0 if per_member else None
-    (losses, new_state), grads = jax.vmap(
-        jax.value_and_grad(loss_fn, has_aux=True),
-        in_axes=(0, 0, batch_axis, batch_axis, 0),
-        axis_name=MEMBER_AXIS,
-    )(params, state, images, labels, bn_momentum)
-    return losses, grads, new_state
+    example = functools.partial(example_loss, train=True, axis_name=_statistics_axes(pool_members))
+    member_step = transforms.with_grads(transforms.batch_loss(example, ghost_batches=ghost_batches))
+    step = transforms.ensemble(member_step, shared_batch=not per_member)
+    return step(params, state, images, labels, bn_momentum=bn_momentum)
 
 
 _loss_and_grads = jax.jit(batch_loss_and_grads, static_argnames=("per_member", "pool_members", "ghost_batches"))
@@ -98,10 +80,8 @@ _loss_and_grads = jax.jit(batch_loss_and_grads, static_argnames=("per_member", "
 
 @functools.partial(jax.jit, static_argnames=("per_member",))
 def _predict_logits(params, state, images, *, per_member: bool):
-    def one_member(member_params, member_state, member_images):
-        return batched_forward(member_params, member_state, member_images, train=False)[0]
-
-    return jax.vmap(one_member, in_axes=(0, 0, 0 if per_member else None), axis_name=MEMBER_AXIS)(params, state, images)
+    forward = transforms.batch_apply(functools.partial(forward_pass, train=False))
+    return transforms.ensemble(forward, shared_batch=not per_member)(params, state, images)[0]
 
 
 def loss_and_grads(params, state, images, labels, *, pool_members=False, ghost_batches=1, bn_momentum=None):

@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from compare import contract
 from compare.contract import BN_MOMENTUM, InputError
+from jaxside import transforms
 from jaxside.layers import BATCH_AXIS, batch_size, batchnorm_eval, batchnorm_train, cross_entropy, linear, sigmoid
 
 Params = list[dict[str, Float[Array, "..."]]]
@@ -114,29 +115,42 @@ def hidden_layers(
     return x, new_state, pre_activations
 
 
+def example_loss(
+    params: Params,
+    state: State,
+    image_vector: Float[Array, " x"],
+    label: Int[Array, ""],
+    *,
+    train: bool,
+    axis_name: str | tuple[str, ...] = BATCH_AXIS,
+    bn_momentum: float | Float[Array, ""] = BN_MOMENTUM,
+) -> tuple[Float[Array, ""], State]:
+    """Cross-entropy of ONE example and the new running statistics: ``forward_pass``, then ``cross_entropy``."""
+    logits, new_state = forward_pass(
+        params, state, image_vector, train=train, axis_name=axis_name, bn_momentum=bn_momentum
+    )
+    return cross_entropy(logits, label), new_state
+
+
 def batched_forward(
     params: Params, state: State, images: Float[Array, "batch x"], *, train: bool
 ) -> tuple[Float[Array, "batch classes"], State]:
-    """``forward_pass`` vmapped over the batch. The running statistics are batch-invariant (they
-    come out of ``pmean``), so they leave the ``vmap`` unbatched (``out_axes=None``)."""
-
-    def one_example(image_vector):
-        return forward_pass(params, state, image_vector, train=train)
-
-    return jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
+    """``forward_pass`` vmapped over the batch (:func:`jaxside.transforms.batch_apply`). The running
+    statistics are batch-invariant (they come out of ``pmean``), so they leave the ``vmap`` unbatched."""
+    return transforms.batch_apply(functools.partial(forward_pass, train=train))(params, state, images)
 
 
 def batch_loss(
     params: Params, state: State, images: Float[Array, "batch x"], labels: Int[Array, " batch"]
 ) -> tuple[Float[Array, ""], State]:
-    r"""Mean cross-entropy over the batch (training mode) and the new running statistics.
+    r"""Mean cross-entropy over the batch (training mode) and the new running statistics:
+    :func:`jaxside.transforms.batch_loss` of :func:`example_loss`.
 
     .. math:: L = -\tfrac1B \textstyle\sum_b \log \mathrm{softmax}(z_b)_{y_b}
 
     Returns ``(loss, new_state)``.
     """
-    logits, new_state = batched_forward(params, state, images, train=True)
-    return jax.vmap(cross_entropy)(logits, labels).mean(), new_state
+    return transforms.batch_loss(functools.partial(example_loss, train=True))(params, state, images, labels)
 
 
 @jax.jit
@@ -145,8 +159,7 @@ def batch_loss_and_grads(params: Params, state: State, images, labels) -> tuple[
 
     Returns ``(loss, grads, new_state)``; ``grads`` has the layout of ``params``.
     """
-    (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, state, images, labels)
-    return loss, grads, new_state
+    return transforms.with_grads(batch_loss)(params, state, images, labels)
 
 
 @jax.jit
@@ -224,29 +237,20 @@ def train_logits(params, state, images) -> np.ndarray:
     return np.asarray(_jitted_batched_forward(params, list(state or []), images, train=True)[0])
 
 
-def example_loss(params: Params, state: State, image_vector: Float[Array, " x"], label: Int[Array, ""], *, train: bool):
-    """Cross-entropy of ONE example and the new running statistics: ``forward_pass``, then ``cross_entropy``."""
-    logits, new_state = forward_pass(params, state, image_vector, train=train)
-    return cross_entropy(logits, label), new_state
-
-
 @functools.partial(jax.jit, static_argnames="train")
 def per_example_losses_and_grads(params: Params, state: State, images, labels, *, train: bool):
-    """``jax.vmap(jax.value_and_grad(example_loss), axis_name="batch")``, unchecked (jitted).
+    """:func:`jaxside.transforms.per_example_grads` of :func:`example_loss`, unchecked (jitted).
 
     Returns ``(losses (B,), grads, new_state)``; every leaf of ``grads`` is ``(B, *shape)``.
     """
-    one_example = jax.value_and_grad(functools.partial(example_loss, train=train), has_aux=True)
-    vmapped = jax.vmap(one_example, in_axes=(None, None, 0, 0), axis_name=BATCH_AXIS, out_axes=((0, None), 0))
-    (losses, new_state), grads = vmapped(params, state, images, labels)
-    return losses, grads, new_state
+    return transforms.per_example_grads(functools.partial(example_loss, train=train))(params, state, images, labels)
 
 
 def per_example_grads(params, state, images, labels, *, train: bool = True):
     """Per-example losses ``(B,)``, gradients (leaves ``(B, *shape)``) and new running statistics.
 
-    ``jax.vmap(jax.grad(example_loss), axis_name="batch")``: nothing batched. With batch norm in
-    training mode ``g_b`` is the per-row term of the batch backward of ``sum_b loss_b`` (every
+    ``jax.vmap(jax.grad(example_loss), axis_name="batch")`` (:func:`jaxside.transforms.per_example_grads`).
+    With batch norm in training mode ``g_b`` is the per-row term of the batch backward of ``sum_b loss_b`` (every
     example's backward receives the coupling sums of all examples' cotangents), so
     ``sum_b g_b = B * loss_and_grads(...)[1]``; see ``docs/per_example_gradients.md``.
     ``train=False``: running statistics, no coupling, ``state`` returned as given.

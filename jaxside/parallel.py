@@ -1,28 +1,29 @@
-r"""Data-parallel training of the per-example model, batch norm synchronised across devices.
+r"""Data-parallel training of the per-example model, batch norm synchronised across devices:
+:func:`jaxside.transforms.data_parallel` applied to our ``forward_pass``, plus NumPy in/out, the
+placement of arrays over processes, and an epoch as one program.
 
-``jax.shard_map`` splits every batch over the 1-D mesh axis ``"device"`` (device ``d`` holds the
-``d``-th block of consecutive examples). On each device ``forward_pass`` is vmapped over the local
-examples (axis ``"batch"``), and batch norm's ``pmean`` reduces over ``("device", "batch")``: the
-mean and variance of the whole batch, as on one device. ``jax.grad`` runs per device on the local
-share of the loss, ``-(1/B) sum_local log p``; ``psum`` over ``"device"`` adds the shares (loss and
-gradients), so parameters and running statistics stay replicated. ``sync_batch_norm=False`` gives
-each device its own statistics (ghost batch norm with one ghost batch per device); the running
-statistics are then the mean over devices of the updated ones.
+``jax.shard_map`` splits every batch over the 1-D mesh axis ``axis_name`` (default ``"device"``;
+device ``d`` holds the ``d``-th block of consecutive examples). On each device ``forward_pass`` is
+vmapped over the local examples (axis ``"batch"``), and batch norm's ``pmean`` reduces over
+``(axis_name, "batch")``: the mean and variance of the whole batch, as on one device. ``jax.grad``
+runs per device on the mean loss of its block; :func:`jaxside.transforms.device_mean` averages the
+loss, the gradients and the running statistics over the devices in one ``pmean`` (equal blocks:
+the mean over the whole batch), so parameters and running statistics stay replicated.
+``sync_batch_norm=False`` gives each device its own statistics (ghost batch norm with one ghost
+batch per device); the running statistics are then the mean over devices of the updated ones.
 
 ``check_vma=False`` is needed (jax 0.10.2: a ``pmean`` over a vmap axis inside ``shard_map``
 raises otherwise). It also switches off the check that ``out_specs=P()`` outputs are replicated:
-an output not reduced over ``"device"`` would silently come back as device 0's.
+an output not reduced over the mesh axis would silently come back as device 0's.
 :func:`per_device_results` returns every device's copy, and the tests check that they agree.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
 import time
 
 import jax
-import jax.flatten_util
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -30,14 +31,13 @@ from jax.sharding import PartitionSpec as P
 
 from compare import contract
 from compare.contract import InputError
+from jaxside import transforms
 from jaxside.layers import BATCH_AXIS
-from jaxside.model import check_float64_enabled, check_inputs, forward_pass
+from jaxside.model import check_float64_enabled, check_inputs, example_loss, forward_pass
 from jaxside.train import predict_classes, sgd_momentum
 
-#: The mesh axis the batch is split over.
-DEVICE_AXIS = "device"
-#: Batch norm's axes when synchronised: every example on every device.
-SYNC_AXES = (DEVICE_AXIS, BATCH_AXIS)
+#: The mesh axis the batch is split over, unless the caller names another.
+DEVICE_AXIS = transforms.DEVICE_AXIS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,17 +45,23 @@ SYNC_AXES = (DEVICE_AXIS, BATCH_AXIS)
 # ----------------------------------------------------------------------------------------------
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh ``"device"`` over ``devices`` (default: all of ``jax.devices()``, every process's),
-    ordered by process, so that each process's devices hold one contiguous block of the batch."""
+def make_mesh(devices=None, axis_name: str = DEVICE_AXIS) -> Mesh:
+    """A 1-D mesh named ``axis_name`` over ``devices`` (default: all of ``jax.devices()``, every
+    process's), ordered by process, so that each process's devices hold one contiguous block of the batch."""
     devices = list(jax.devices() if devices is None else devices)
     devices.sort(key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices), (DEVICE_AXIS,))
+    return Mesh(np.array(devices), (axis_name,))
 
 
-def check_mesh(mesh) -> Mesh:
-    if not isinstance(mesh, Mesh) or mesh.axis_names != (DEVICE_AXIS,):
-        raise InputError(f"mesh must be a 1-D jax.sharding.Mesh with the axis name {DEVICE_AXIS!r}, got {mesh!r}")
+def check_mesh(mesh, axis_name: str = DEVICE_AXIS) -> Mesh:
+    """``mesh`` must be a 1-D mesh whose one axis is ``axis_name``."""
+    if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
+        raise InputError(f"mesh must be a 1-D jax.sharding.Mesh (the batch is split over its axis), got {mesh!r}")
+    if mesh.axis_names != (axis_name,):
+        raise InputError(
+            f"the mesh's axis is named {mesh.axis_names[0]!r} but axis_name={axis_name!r}: "
+            f"pass axis_name={mesh.axis_names[0]!r}"
+        )
     return mesh
 
 
@@ -103,9 +109,9 @@ def split(mesh: Mesh, spec: P, shape: tuple[int, ...], local_part) -> jax.Array:
 
 
 def split_batch(mesh: Mesh, array) -> jax.Array:
-    """``array`` (B, ...) split over the devices along its first axis, from this process's rows."""
+    """``array`` (B, ...) split along its first axis over the mesh's one axis, from this process's rows."""
     array = np.asarray(array)
-    return split(mesh, P(DEVICE_AXIS), array.shape, lambda block: array[block])
+    return split(mesh, P(*mesh.axis_names), array.shape, lambda block: array[block])
 
 
 def to_host(tree):
@@ -114,72 +120,63 @@ def to_host(tree):
 
 
 # ----------------------------------------------------------------------------------------------
-# one device's share of a training step
+# one device's share of a training step: the transforms applied to example_loss
 # ----------------------------------------------------------------------------------------------
 
 
-def local_loss(params, state, images, labels, n_total: int, *, sync_batch_norm: bool):
-    r"""On one device: its share of the loss, :math:`-\frac1B \sum_{b \in \text{local}} \log p_b[y_b]`,
-    and the new running statistics from this device's view. Batch norm's collectives reach the
-    other devices when synchronised."""
-    axes = SYNC_AXES if sync_batch_norm else BATCH_AXIS
-
-    def one_example(image_vector):
-        return forward_pass(params, state, image_vector, train=True, axis_name=axes)
-
-    logits, new_state = jax.vmap(one_example, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
-    picked = jax.vmap(operator.getitem)(jax.nn.log_softmax(logits, axis=-1), labels)
-    return -picked.sum() / n_total, new_state
+def statistics_axes(axis_name: str, sync_batch_norm: bool) -> str | tuple[str, str]:
+    """Batch norm's axes: every example on every device, or this device's examples only."""
+    return (axis_name, BATCH_AXIS) if sync_batch_norm else BATCH_AXIS
 
 
-def local_loss_and_grads(params, state, images, labels, n_total: int, *, sync_batch_norm: bool):
-    """:func:`local_loss`, and the gradient of this device's share of the loss."""
-    (loss, new_state), grads = jax.value_and_grad(local_loss, has_aux=True)(
-        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm
-    )
-    return loss, grads, new_state
+def local_loss(params, state, images, labels, *, sync_batch_norm: bool, axis_name: str = DEVICE_AXIS):
+    r"""On one device: the mean loss of its block, :math:`-\frac1{B_d} \sum_{b \in \text{local}} \log p_b[y_b]`,
+    and the new running statistics from this device's view (:func:`jaxside.transforms.batch_loss`).
+    Batch norm's collectives reach the other devices when synchronised."""
+    example = functools.partial(example_loss, train=True, axis_name=statistics_axes(axis_name, sync_batch_norm))
+    return transforms.batch_loss(example)(params, state, images, labels)
 
 
-def device_step(params, state, images, labels, n_total: int, *, sync_batch_norm: bool, reduce: bool = True):
-    """:func:`local_loss_and_grads`, then the reduction over ``"device"``: the loss and the gradients
-    summed in one ``psum`` of them all, flattened into one vector (one round of communication instead
-    of twelve; see docs/sync_batchnorm.md); per-device running statistics averaged
-    (``pmean``; synchronised ones are already equal). ``reduce=False`` sums the loss only, leaving
-    the gradients unreduced (for the test that must catch it)."""
+def local_loss_and_grads(params, state, images, labels, *, sync_batch_norm: bool, axis_name: str = DEVICE_AXIS):
+    """:func:`local_loss`, and the gradient of this device's mean loss (:func:`jaxside.transforms.with_grads`)."""
+    loss_fn = functools.partial(local_loss, sync_batch_norm=sync_batch_norm, axis_name=axis_name)
+    return transforms.with_grads(loss_fn)(params, state, images, labels)
+
+
+def device_step(params, state, images, labels, *, sync_batch_norm: bool, axis_name: str = DEVICE_AXIS, reduce=True):
+    """:func:`local_loss_and_grads`, then the reduction over the devices, as in
+    :func:`jaxside.transforms.data_parallel`: the loss, the gradients and the running statistics
+    averaged in one ``pmean`` of them all, flattened into one vector (one round of communication
+    instead of twelve; see docs/sync_batchnorm.md). ``reduce=False`` leaves the gradients
+    unreduced (for the test that must catch it)."""
     loss, grads, new_state = local_loss_and_grads(
-        params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm
+        params, state, images, labels, sync_batch_norm=sync_batch_norm, axis_name=axis_name
     )
     if reduce:
-        flat, unflatten = jax.flatten_util.ravel_pytree((loss, grads))
-        loss, grads = unflatten(jax.lax.psum(flat, DEVICE_AXIS))
-    else:
-        loss = jax.lax.psum(loss, DEVICE_AXIS)
-    if not sync_batch_norm:
-        new_state = jax.lax.pmean(new_state, DEVICE_AXIS)
+        return transforms.device_mean((loss, grads, new_state), axis_name)
+    loss, new_state = transforms.device_mean((loss, new_state), axis_name)
     return loss, grads, new_state
 
 
 @functools.cache
-def _sharded_step(mesh: Mesh, n_total: int, sync_batch_norm: bool, stacked: bool = False, reduce: bool = True):
-    def on_device(params, state, images, labels):
-        out = device_step(params, state, images, labels, n_total, sync_batch_norm=sync_batch_norm, reduce=reduce)
-        return jax.tree_util.tree_map(lambda a: a[None], out) if stacked else out
+def _sharded_step(mesh: Mesh, sync_batch_norm: bool, stacked: bool = False, reduce: bool = True):
+    (axis_name,) = mesh.axis_names
+    if not stacked:  # the transform itself
+        local = functools.partial(local_loss_and_grads, sync_batch_norm=sync_batch_norm, axis_name=axis_name)
+        return jax.jit(transforms.data_parallel(local, mesh, axis_name))
 
-    batch = P(DEVICE_AXIS)
-    return jax.jit(
-        jax.shard_map(
-            on_device,
-            mesh=mesh,
-            in_specs=(P(), P(), batch, batch),
-            out_specs=P(DEVICE_AXIS) if stacked else P(),
-            check_vma=False,
+    def per_device(params, state, images, labels):  # each device's reduced copy, on a leading axis
+        out = device_step(
+            params, state, images, labels, sync_batch_norm=sync_batch_norm, axis_name=axis_name, reduce=reduce
         )
-    )
+        return jax.tree_util.tree_map(lambda a: a[None], out)
+
+    return jax.jit(transforms.data_parallel(per_device, mesh, axis_name, split_outputs=True))
 
 
-def _checked(params, state, images, labels, mesh, sync_batch_norm):
+def _checked(params, state, images, labels, mesh, sync_batch_norm, axis_name):
     batch_norm, dtype, images, labels = check_inputs(params, state, images, labels, train=True)
-    mesh = make_mesh() if mesh is None else check_mesh(mesh)
+    mesh = make_mesh(axis_name=axis_name) if mesh is None else check_mesh(mesh, axis_name)
     check_batch_split(len(images), mesh.size, batch_norm=batch_norm, sync_batch_norm=sync_batch_norm)
     args = (
         replicate(mesh, params, dtype),
@@ -190,25 +187,26 @@ def _checked(params, state, images, labels, mesh, sync_batch_norm):
     return mesh, args
 
 
-def loss_and_grads(params, state, images, labels, *, mesh=None, sync_batch_norm=True):
+def loss_and_grads(params, state, images, labels, *, mesh=None, sync_batch_norm=True, axis_name=DEVICE_AXIS):
     """Training-mode loss, gradients and new running statistics of one batch split over the devices
-    of ``mesh`` (default: a 1-D mesh ``"device"`` over all of ``jax.devices()``). NumPy in, NumPy
-    out, the layout of :func:`jaxside.model.loss_and_grads`, whose result it equals to rounding when
-    ``sync_batch_norm`` is on. The batch size must be divisible by the number of devices."""
-    mesh, args = _checked(params, state, images, labels, mesh, sync_batch_norm)
-    loss, grads, new_state = _sharded_step(mesh, len(images), bool(sync_batch_norm))(*args)
+    of ``mesh`` (default: a 1-D mesh named ``axis_name`` over all of ``jax.devices()``). NumPy in,
+    NumPy out, the layout of :func:`jaxside.model.loss_and_grads`, whose result it equals to rounding
+    when ``sync_batch_norm`` is on. The batch size must be divisible by the number of devices."""
+    mesh, args = _checked(params, state, images, labels, mesh, sync_batch_norm, axis_name)
+    loss, grads, new_state = _sharded_step(mesh, bool(sync_batch_norm))(*args)
     return to_host(loss)[()], to_host(grads), to_host(new_state)
 
 
-def per_device_results(params, state, images, labels, *, mesh=None, sync_batch_norm=True, reduce=True):
+def per_device_results(
+    params, state, images, labels, *, mesh=None, sync_batch_norm=True, reduce=True, axis_name=DEVICE_AXIS
+):
     """Every device's own copy of :func:`loss_and_grads`' results, stacked on a leading device axis.
 
     ``out_specs=P()`` with ``check_vma=False`` would return device 0's copy whether or not the
     copies agree; this returns all of them, so that a test can check they do. ``reduce=False``
-    skips the ``psum`` of the gradients over ``"device"`` (what that check must catch)."""
-    mesh, args = _checked(params, state, images, labels, mesh, sync_batch_norm)
-    step = _sharded_step(mesh, len(images), bool(sync_batch_norm), stacked=True, reduce=reduce)
-    out = step(*args)
+    skips the reduction of the gradients over the devices (what that check must catch)."""
+    mesh, args = _checked(params, state, images, labels, mesh, sync_batch_norm, axis_name)
+    out = _sharded_step(mesh, bool(sync_batch_norm), stacked=True, reduce=reduce)(*args)
     return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), out)
 
 
@@ -218,12 +216,14 @@ def per_device_results(params, state, images, labels, *, mesh=None, sync_batch_n
 
 
 @functools.cache
-def _epoch_fn(mesh: Mesh, n_total: int, sync_batch_norm: bool):
+def _epoch_fn(mesh: Mesh, sync_batch_norm: bool):
+    (axis_name,) = mesh.axis_names
+
     def on_device(params, velocity, state, images, labels, learning_rates, momentum):
         def step(carry, inputs):
             params, velocity, state = carry
             x, y, lr = inputs
-            loss, grads, state = device_step(params, state, x, y, n_total, sync_batch_norm=sync_batch_norm)
+            loss, grads, state = device_step(params, state, x, y, sync_batch_norm=sync_batch_norm, axis_name=axis_name)
             params, velocity = sgd_momentum(params, velocity, grads, lr, momentum)
             return (params, velocity, state), loss
 
@@ -232,7 +232,7 @@ def _epoch_fn(mesh: Mesh, n_total: int, sync_batch_norm: bool):
         )
         return params, velocity, state, losses
 
-    steps_batch = P(None, DEVICE_AXIS)
+    steps_batch = P(None, axis_name)
     sharded = jax.shard_map(
         on_device,
         mesh=mesh,
@@ -249,14 +249,26 @@ class Trainer:
     The interface of :class:`jaxside.train.Trainer`. Each process keeps the training set on the
     host and sends to its devices only its own block of every batch of the epoch
     (``jax.make_array_from_process_local_data``); parameters, velocity and running statistics are
-    replicated and updated in place (donated)."""
+    replicated and updated in place (donated). ``axis_name`` names the mesh's axis (default ``"device"``)."""
 
-    def __init__(self, params, state, train_images, train_labels, *, momentum: float, mesh=None, sync_batch_norm=True):
+    def __init__(
+        self,
+        params,
+        state,
+        train_images,
+        train_labels,
+        *,
+        momentum: float,
+        mesh=None,
+        sync_batch_norm=True,
+        axis_name: str = DEVICE_AXIS,
+    ):
         batch_norm, dtype, train_images, train_labels = contract.check_training_set(
             params, state, train_images, train_labels
         )
         check_float64_enabled(dtype)
-        self.mesh = make_mesh() if mesh is None else check_mesh(mesh)
+        self.mesh = make_mesh(axis_name=axis_name) if mesh is None else check_mesh(mesh, axis_name)
+        self.axis_name = axis_name
         self.batch_norm, self.dtype, self.sync_batch_norm = batch_norm, dtype, bool(sync_batch_norm)
         self.images, self.labels = train_images, train_labels
         self.params = replicate(self.mesh, params, dtype)
@@ -268,7 +280,7 @@ class Trainer:
 
     def _batches(self, batch_indices: np.ndarray):
         """This process's block of every batch, placed on its devices: (steps, B, ...) global arrays."""
-        spec = P(None, DEVICE_AXIS)
+        spec = P(None, self.axis_name)
         steps, batch = batch_indices.shape
         images = split(
             self.mesh, spec, (steps, batch, self.images.shape[1]), lambda block: self.images[batch_indices[:, block]]
@@ -281,7 +293,7 @@ class Trainer:
         start = time.perf_counter()
         check_batch_split(batch_size, self.mesh.size, batch_norm=self.batch_norm, sync_batch_norm=self.sync_batch_norm)
         if (steps, batch_size) not in self._compiled:
-            sharding = NamedSharding(self.mesh, P(None, DEVICE_AXIS))
+            sharding = NamedSharding(self.mesh, P(None, self.axis_name))
             replicated = NamedSharding(self.mesh, P())
             args = (
                 self.params,
@@ -292,7 +304,7 @@ class Trainer:
                 jax.ShapeDtypeStruct((steps,), self.dtype, sharding=replicated),
                 self.momentum,
             )
-            epoch = _epoch_fn(self.mesh, batch_size, self.sync_batch_norm)
+            epoch = _epoch_fn(self.mesh, self.sync_batch_norm)
             self._compiled[steps, batch_size] = epoch.lower(*args).compile()
         return time.perf_counter() - start
 
@@ -326,21 +338,21 @@ class Trainer:
         return to_host(self.state)
 
 
-def sharded_logits(params, state, images, *, mesh: Mesh) -> np.ndarray:
+def sharded_logits(params, state, images, *, mesh: Mesh, axis_name: str = DEVICE_AXIS) -> np.ndarray:
     """Training-mode logits ``(B, 10)`` of a batch split over ``mesh`` (synchronised batch norm)."""
     batch_norm, dtype, images, _ = check_inputs(params, state, images, train=True)
+    mesh = check_mesh(mesh, axis_name)
     check_batch_split(len(images), mesh.size, batch_norm=batch_norm, sync_batch_norm=True)
     args = replicate(mesh, params, dtype), replicate(mesh, list(state or []), dtype), split_batch(mesh, images)
-    return np.asarray(multihost_utils.process_allgather(_sharded_logits(mesh)(*args), tiled=True))
+    return np.asarray(multihost_utils.process_allgather(_sharded_logits(mesh)(*args)[0], tiled=True))
 
 
 @functools.cache
 def _sharded_logits(mesh: Mesh):
-    def on_device(params, state, images):
-        def one_example(image_vector):
-            return forward_pass(params, state, image_vector, train=True, axis_name=SYNC_AXES)[0]
-
-        return jax.vmap(one_example, axis_name=BATCH_AXIS)(images)
-
-    batch = P(DEVICE_AXIS)
-    return jax.jit(jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), batch), out_specs=batch, check_vma=False))
+    """:func:`jaxside.transforms.data_parallel` of the batched training-mode forward: the logits
+    concatenated over the devices, the (synchronised, so equal) running statistics averaged."""
+    (axis_name,) = mesh.axis_names
+    forward = functools.partial(forward_pass, train=True, axis_name=statistics_axes(axis_name, True))
+    return jax.jit(
+        transforms.data_parallel(transforms.batch_apply(forward), mesh, axis_name, split_outputs=(True, False))
+    )

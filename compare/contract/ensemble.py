@@ -57,10 +57,29 @@ def _members_of(tree: Any, name: str) -> tuple[int | None, list]:
     return (sizes.pop() if sizes else None), member
 
 
+STACK_HINT = (
+    "an ensemble needs a leading member axis on every leaf: stack M members with "
+    "compare.init.init_ensemble(seeds), or jax.tree.map(lambda *leaves: jnp.stack(leaves), *members) "
+    "(for one model use jaxside.model / numpyside.model)"
+)
+
+
+def _is_single_model(check, *args) -> bool:
+    try:
+        check(*args)
+    except InputError:
+        return False
+    return True
+
+
 def check_ensemble_params(params: Any) -> tuple[int, bool, np.dtype]:
     """Check stacked parameters; return ``(M, batch_norm, dtype)``."""
     if not isinstance(params, (list, tuple)):
         raise InputError(f"params must be a list of layer dicts stacked over members, got {type(params).__name__}")
+    if _is_single_model(layout.check_params, params):
+        raise InputError(
+            f"params have ONE model's layout (params[0]['weight'] is {np.shape(params[0]['weight'])}): {STACK_HINT}"
+        )
     n_members, member = _members_of(params, "params")
     if n_members == 0:
         raise InputError("an ensemble of size 0: the parameters' member axis is empty")
@@ -73,6 +92,10 @@ def check_ensemble_state(state: Any, n_members: int, batch_norm: bool, dtype: np
     if not batch_norm or state is None or not isinstance(state, (list, tuple)):
         layout.check_state(state, batch_norm, dtype)
         return
+    if _is_single_model(layout.check_state, state, batch_norm, dtype):
+        raise InputError(
+            f"state has ONE model's layout (state[0]['mean'] is {np.shape(state[0]['mean'])}): {STACK_HINT}"
+        )
     size, member = _members_of(state, "state")
     layout.check_state(member, batch_norm, dtype)
     if size != n_members:
@@ -86,6 +109,12 @@ def check_ensemble_batch(images: Any, labels: Any | None, n_members: int, dtype:
     and the labels as int32 (``(B,)`` or ``(M, B)``, matching the images), or None if not given.
     """
     array = np.asarray(images)
+    if array.ndim >= 3 and array.shape[-1] != layout.N_INPUTS:
+        raise InputError(
+            f"images must have shape (batch, {layout.N_INPUTS}) (shared by every member) or (members, batch, "
+            f"{layout.N_INPUTS}) (one batch per member), got {array.shape}"
+            + layout.flatten_hint(array.shape, array.ndim - 2)
+        )
     per_member = array.ndim == 3
     if per_member:
         if array.shape[0] != n_members:
@@ -138,8 +167,15 @@ def check_ghost_batches(ghost_batches: Any, batch_size: int, pool_members: bool,
             "pool_members=True with ghost_batches > 1 is not supported: choose statistics pooled over the "
             "members or per ghost batch, not both"
         )
-    if batch_norm and not pool_members:
-        layout.check_training_batch_size(batch_size // ghost_batches)
+    if batch_norm and not pool_members and ghost_batches == 1:
+        layout.check_training_batch_size(batch_size)
+    elif batch_norm and not pool_members and batch_size // ghost_batches < 2:
+        fits = [g for g in range(1, batch_size // 2 + 1) if batch_size % g == 0]
+        raise InputError(
+            f"ghost_batches={ghost_batches} splits the batch of {batch_size} into ghost batches of "
+            f"{batch_size // ghost_batches} example: batch norm needs at least 2 examples per ghost batch (the "
+            f"variance of one is undefined); choose ghost_batches among {fits}"
+        )
     return ghost_batches
 
 

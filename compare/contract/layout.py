@@ -121,6 +121,14 @@ def check_state(state: Sequence[dict[str, Any]], batch_norm: bool, dtype: np.dty
                 raise InputError(f"state[{i}][{key!r}] has dtype {_dtype_of(layer[key])}, parameters are {dtype}")
 
 
+def flatten_hint(shape: tuple[int, ...], batch_axes: int = 1) -> str:
+    """The fix for images given as ``28 x 28`` arrays: flatten each into ``N_INPUTS`` pixels ("" otherwise)."""
+    if len(shape) == batch_axes + 2 and shape[-1] * shape[-2] == N_INPUTS:
+        target = (*shape[:batch_axes], N_INPUTS)
+        return f"; these look like unflattened {shape[-2]}x{shape[-1]} images: flatten them, images.reshape{target}"
+    return ""
+
+
 def check_images(images: Any, dtype: np.dtype) -> np.ndarray:
     """Check a batch of images and return it as a C-contiguous array of the parameters' dtype.
 
@@ -129,7 +137,7 @@ def check_images(images: Any, dtype: np.dtype) -> np.ndarray:
     """
     array = np.asarray(images)
     if array.ndim != 2 or array.shape[1] != N_INPUTS:
-        raise InputError(f"images must have shape (batch, {N_INPUTS}), got {array.shape}")
+        raise InputError(f"images must have shape (batch, {N_INPUTS}), got {array.shape}" + flatten_hint(array.shape))
     if array.shape[0] == 0:
         raise InputError("images is an empty batch")
     if not np.issubdtype(array.dtype, np.floating):

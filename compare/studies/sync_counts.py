@@ -28,15 +28,14 @@ def jax_counts(n_devices: int = 2, local_batch: int = 4, batch_norm: bool = True
     params, state = init_params(0, np.float32, batch_norm), init_state(np.float32, batch_norm)
     images = np.zeros((local_batch, params[0]["weight"].shape[0]), np.float32)
     labels = np.zeros(local_batch, np.int32)
-    n_total = local_batch * n_devices
     kw = dict(sync_batch_norm=True)
 
     def trace(function):
         return jax.make_jaxpr(function, axis_env=[(jax_parallel.DEVICE_AXIS, n_devices)])(params, state, images, labels)
 
-    forward = trace(lambda p, s, x, y: jax_parallel.local_loss(p, s, x, y, n_total, **kw))
-    vjp = trace(lambda p, s, x, y: jax_parallel.local_loss_and_grads(p, s, x, y, n_total, **kw))
-    step = trace(lambda p, s, x, y: jax_parallel.device_step(p, s, x, y, n_total, **kw))
+    forward = trace(lambda p, s, x, y: jax_parallel.local_loss(p, s, x, y, **kw))
+    vjp = trace(lambda p, s, x, y: jax_parallel.local_loss_and_grads(p, s, x, y, **kw))
+    step = trace(lambda p, s, x, y: jax_parallel.device_step(p, s, x, y, **kw))
 
     def over_devices(eqn):
         return is_named_collective(eqn, jax_parallel.DEVICE_AXIS)
