@@ -27,7 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from compare.contract import N_INPUTS
+from compare.contract import DEFAULT_BACKEND, N_INPUTS
 from compare.init import init_params, init_state
 from compare.jaxpr import FORWARD, by_direction, highlighted, is_named_collective, phrase
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_rel_err
@@ -148,7 +148,7 @@ def _configurations(seed: int, dtype, images, labels) -> dict[str, tuple]:
 def _side_agreement(params, state, images, labels, train: bool) -> dict[str, float]:
     """numpy vs jax ``per_example_grads``, per leaf (``max|a - b| / max|b|``, b = JAX)."""
     jax_grads = jax_model.per_example_grads(params, state, images, labels, train=train)[1]
-    numpy_grads = numpy_model.per_example_grads(params, state, images, labels, train=train)[1]
+    numpy_grads = numpy_model.per_example_grads(params, state, images, labels, train=train, backend=DEFAULT_BACKEND)[1]
     return {label: max_rel_err(b, a) for (label, a), (_, b) in zip(leaves(jax_grads), leaves(numpy_grads))}
 
 

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from compare import ensemble_contract
 from compare.contract import DEFAULT_BACKEND, check_backend
+from numpyside import layers as single_model_layers
 from numpyside.ensemble_layers import (
     batchnorm_backward,
     batchnorm_eval,
@@ -32,7 +33,10 @@ from numpyside.ensemble_layers import (
     softmax_cross_entropy_backward,
     softmax_cross_entropy_forward,
 )
-from numpyside.layers import sigmoid_backward, sigmoid_forward
+
+# the inputs are checked once, at this module's public door: the single model's sigmoid, unchecked
+sigmoid_forward = single_model_layers.sigmoid_forward.unchecked
+sigmoid_backward = single_model_layers.sigmoid_backward.unchecked
 
 
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int, momentum: np.ndarray) -> dict:

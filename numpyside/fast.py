@@ -21,9 +21,9 @@ import time
 import numpy as np
 
 from compare import contract
-from compare.contract import BN_EPS, BN_MOMENTUM, InputError
+from compare.contract import BN_EPS, BN_MOMENTUM, DEFAULT_BACKEND, InputError
 from numpyside import blas, fused, threads
-from numpyside.model import DEFAULT_BACKEND, forward
+from numpyside.model import forward
 from numpyside.train import Trainer
 
 #: Parameter blocks start at multiples of 64 bytes in the flat buffers.

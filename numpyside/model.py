@@ -12,7 +12,9 @@ validated by :func:`compare.contract.check_inputs`:
 * ``train_logits(params, state, images) -> logits (B, 10)`` (training mode, batch statistics)
 * ``per_example_grads(params, state, images, labels, *, train=True) -> (losses, grads, new_state)`` (leaves (B, ...))
 
-All take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
+All take a keyword-only ``backend="numpy" | "numba"`` that selects the elementwise/reduction kernels:
+by default the NumPy lines of :mod:`numpyside.layers` (a debugger steps from here into the lines
+that ``docs/batchnorm_backward.md`` derives); the trainers and the comparison pass ``"numba"``.
 """
 
 from __future__ import annotations
@@ -20,18 +22,21 @@ from __future__ import annotations
 import numpy as np
 
 from compare import contract
-from compare.contract import BN_MOMENTUM, DEFAULT_BACKEND, check_backend
-from numpyside.layers import (
-    batchnorm_backward,
-    batchnorm_eval,
-    batchnorm_forward,
-    linear_backward,
-    linear_forward,
-    sigmoid_backward,
-    sigmoid_forward,
-    softmax_cross_entropy_backward,
-    softmax_cross_entropy_forward,
-)
+from compare.contract import BN_MOMENTUM, check_backend
+from numpyside import layers
+from numpyside.layers import DEFAULT_LAYER_BACKEND
+
+# The model checks its whole input once (check_inputs below); past that door it calls the layers'
+# unchecked forms, so that no check runs per layer and step in a training loop.
+linear_forward = layers.linear_forward.unchecked
+linear_backward = layers.linear_backward.unchecked
+batchnorm_forward = layers.batchnorm_forward.unchecked
+batchnorm_backward = layers.batchnorm_backward.unchecked
+batchnorm_eval = layers.batchnorm_eval.unchecked
+sigmoid_forward = layers.sigmoid_forward.unchecked
+sigmoid_backward = layers.sigmoid_backward.unchecked
+softmax_cross_entropy_forward = layers.softmax_cross_entropy_forward.unchecked
+softmax_cross_entropy_backward = layers.softmax_cross_entropy_backward.unchecked
 
 
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int) -> dict:
@@ -47,7 +52,7 @@ def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: in
     }
 
 
-def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_BACKEND):
+def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_LAYER_BACKEND):
     """Logits ``(B, 10)`` of a batch, the new running statistics, and the caches for ``backward``.
 
     Hidden layer: ``sigmoid(batchnorm(x @ W))`` (or ``sigmoid(x @ W + b)`` with batch norm off);
@@ -74,7 +79,7 @@ def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DE
     return logits, new_state, caches
 
 
-def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEND) -> list[dict[str, np.ndarray]]:
+def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_LAYER_BACKEND) -> list[dict[str, np.ndarray]]:
     """Gradients of every parameter, in the layout of ``params``: the forward's layers in reverse.
 
     Per hidden layer (reverse order): ``sigmoid_backward`` -> ``batchnorm_backward`` (gives
@@ -95,7 +100,7 @@ def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEN
     return grads
 
 
-def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_LAYER_BACKEND):
     r"""Mean cross-entropy over the batch (training mode) and the new running statistics.
 
     .. math:: L = -\tfrac1B \textstyle\sum_b \log \mathrm{softmax}(z_b)_{y_b}
@@ -107,7 +112,7 @@ def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_BACKEND)
     return loss, new_state
 
 
-def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_LAYER_BACKEND):
     """:func:`batch_loss` and its gradients (the forward's layers in reverse), unchecked.
 
     Returns ``(loss, grads, new_state)``; ``grads`` has the layout of ``params``.
@@ -118,12 +123,12 @@ def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAUL
     return loss, backward(dlogits, caches, backend=backend), new_state
 
 
-def eval_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+def eval_logits(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(B, 10)`` (batch norm with the running statistics), unchecked."""
     return forward(params, state, images, train=False, backend=backend)[0]
 
 
-def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_BACKEND):
+def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_LAYER_BACKEND):
     """:func:`compare.contract.check_inputs`, plus: ``backend`` must be one of ``BACKENDS``."""
     check_backend(backend)
     return contract.check_inputs(params, state, images, labels, train=train)
@@ -134,7 +139,7 @@ def _as_numpy(tree):
     return [{key: np.ascontiguousarray(value) for key, value in layer.items()} for layer in tree]
 
 
-def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_LAYER_BACKEND):
     """Training-mode loss, handwritten gradients (same layout as ``params``), new running stats.
 
     ``images`` are cast to the parameters' dtype. With batch norm off, ``state`` is ``[]`` and so
@@ -144,19 +149,19 @@ def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACK
     return batch_loss_and_grads(_as_numpy(params), _as_numpy(state or []), images, labels, backend=backend)
 
 
-def predict_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+def predict_logits(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
     _, _, images, _ = check_inputs(params, state, images, backend=backend)
     return eval_logits(_as_numpy(params), _as_numpy(state or []), images, backend=backend)
 
 
-def train_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+def train_logits(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
     _, _, images, _ = check_inputs(params, state, images, train=True, backend=backend)
     return forward(_as_numpy(params), _as_numpy(state or []), images, train=True, backend=backend)[0]
 
 
-def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_BACKEND):
+def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_LAYER_BACKEND):
     """Per-example losses ``(B,)``, gradients (leaves ``(B, *shape)``) and new running statistics.
 
     ``g_b`` is row ``b``'s term of the handwritten backward of ``sum_b loss_b`` (cross-entropy, not
