@@ -30,6 +30,7 @@ DOCUMENTS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 CODE_LINK = re.compile(r"\[`([^`]+)`\]\(([^)#\s]+\.py)#L(\d+)\)")
 RELATIVE_LINK = re.compile(r"\]\((?!https?:|#|mailto:)([^)#\s]+)(?:#[^)\s]*)?\)")
 HEADING = re.compile(r"^#{1,6} ", re.MULTILINE)
+FENCED_BLOCK = re.compile(r"^```.*?^```$", re.MULTILINE | re.DOTALL)
 NAME_LINK = re.compile(r"^(?:(?:async )?def |class )?([A-Za-z_]\w*)\(?:?$")
 
 
@@ -49,8 +50,14 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
+def prose(text: str) -> str:
+    """``text`` with its fenced blocks blanked out (same length and lines): links and headings live
+    in the prose, and a ``# comment`` in a code block is no heading."""
+    return FENCED_BLOCK.sub(lambda block: re.sub(r"[^\n]", " ", block.group()), text)
+
+
 def code_links(document: Path) -> list[Link]:
-    text = document.read_text(encoding="utf-8")
+    text = prose(document.read_text(encoding="utf-8"))
     starts = [0] + [m.start() for m in HEADING.finditer(text)]
     links = []
     for match in CODE_LINK.finditer(text):
@@ -155,7 +162,7 @@ def test_code_links_land_on_what_they_name(document):
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
 def test_relative_links_exist(document):
-    text = document.read_text(encoding="utf-8")
+    text = prose(document.read_text(encoding="utf-8"))
     missing = [target for target in RELATIVE_LINK.findall(text) if not (document.parent / target).exists()]
     assert not missing, f"{document.name} links to missing files: {missing}"
 
