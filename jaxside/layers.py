@@ -8,15 +8,24 @@ Here there is no backward: ``jax.grad`` derives it. The one place where an examp
 of the batch is batch norm's statistics, and it gets them only through collectives on the named
 ``vmap`` axis (``jax.lax.pmean``); under ``jax.grad`` these transpose into the two "coupling"
 sums of the hand-derived batch-norm backward (see ``docs/batchnorm_backward.md``).
+
+**float64 needs JAX's 64-bit mode**, ``jax.config.update("jax_enable_x64", True)`` before the first
+JAX computation (the study guide's first line). With it off, JAX turns every float64 input into
+float32 as it enters (``jnp.asarray``, ``vmap``, ``jit``), before these functions see it, and a
+float64 reference then differs from the NumPy side by ~1e-7: it looks like a bug in the
+derivation and is only float32's rounding. What a layer can still see, a float64 NumPy array
+passed to it directly, it refuses (:func:`refuse_float64_without_x64`); under ``vmap`` or ``jit``
+only the 64-bit switch helps.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
-from compare.contract import BN_EPS
+from compare.contract import BN_EPS, InputError
 
 #: The name of the vmapped batch axis that batch norm's collectives reduce over.
 BATCH_AXIS = "batch"
@@ -50,6 +59,19 @@ def _vmap_levels_named(value, axis_name: str) -> int:
     return levels
 
 
+def refuse_float64_without_x64(*values) -> None:
+    """Refuse a float64 input while JAX's 64-bit mode is off: JAX would compute it in float32 without a
+    word. Only concrete arrays can show it (a traced value under ``vmap``/``jit`` is float32 already)."""
+    if jax.config.jax_enable_x64:
+        return
+    for value in values:
+        if not isinstance(value, jax.core.Tracer) and getattr(value, "dtype", None) == np.float64:
+            raise InputError(
+                "a float64 input while JAX's 64-bit mode is off: JAX would silently compute it in float32. Call "
+                "jax.config.update('jax_enable_x64', True) before the first JAX computation (or pass float32)"
+            )
+
+
 def check_batch_axis_not_shadowed(value, axis_name: str = BATCH_AXIS) -> None:
     """Refuse ``value`` if it is batched over two nested ``vmap``s that are both named ``axis_name``."""
     if _vmap_levels_named(value, axis_name) > 1:
@@ -64,6 +86,7 @@ def linear(
     x: Float[Array, " n_in"], weight: Float[Array, "n_in n_out"], bias: Float[Array, " n_out"] | None = None
 ) -> Float[Array, " n_out"]:
     """``y = x @ W (+ b)`` for one example."""
+    refuse_float64_without_x64(x, weight, bias)
     y = x @ weight
     if bias is not None:
         y = y + bias
@@ -113,7 +136,10 @@ def batchnorm_train(
 
     Both sums are ``pmean`` collectives over ``axis_name``. Returns ``y`` and the batch
     statistics ``(mu, sigma^2)`` (identical on every example), for the running statistics.
+    float64 input needs JAX's 64-bit mode (module docstring): under ``vmap`` this function only
+    ever sees the float32 that JAX made of it.
     """
+    refuse_float64_without_x64(x, gamma, beta)
     mean = batch_mean(x, axis_name)
     centered = x - mean
     var = batch_mean(centered * centered, axis_name)
@@ -131,12 +157,14 @@ def batchnorm_eval(
     eps: float = BN_EPS,
 ) -> Float[Array, " n"]:
     """Batch norm in eval mode: the same affine map with the running ``mean`` and ``var``."""
+    refuse_float64_without_x64(x, gamma, beta, mean, var)
     inv_std = 1.0 / jnp.sqrt(var + eps)
     return gamma * ((x - mean) * inv_std) + beta
 
 
 def sigmoid(x: Float[Array, " n"]) -> Float[Array, " n"]:
     """``1 / (1 + exp(-x))`` (``jax.nn.sigmoid`` is stable for large ``|x|``)."""
+    refuse_float64_without_x64(x)
     return jax.nn.sigmoid(x)
 
 
@@ -147,4 +175,5 @@ def cross_entropy(logits: Float[Array, " classes"], label: Int[Array, ""]) -> Fl
 
     (``jax.nn.log_softmax`` subtracts the maximum first, so any logits are safe.)
     """
+    refuse_float64_without_x64(logits)
     return -jax.nn.log_softmax(logits)[label]

@@ -9,7 +9,12 @@ from __future__ import annotations
 from compare.contract import InputError
 
 BACKENDS = ("numpy", "numba")
+#: The trainers' and the comparison's kernels: compiled.
 DEFAULT_BACKEND = "numba"
+#: The default of :mod:`numpyside.layers` and :mod:`numpyside.model`: plain NumPy, for reading and
+#: stepping through in a debugger (the lines ``docs/batchnorm_backward.md`` derives);
+#: ``backend="numba"`` is one argument away.
+DEFAULT_LAYER_BACKEND = "numpy"
 
 
 def check_backend(backend: str) -> None:

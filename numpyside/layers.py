@@ -7,10 +7,17 @@ Mirror of the per-example :mod:`jaxside.layers`: ``linear`` ↔ ``linear_forward
 node by node), ``batchnorm_eval`` ↔ ``batchnorm_eval``, ``sigmoid`` ↔ ``sigmoid_forward``/``sigmoid_backward``,
 ``cross_entropy`` ↔ ``softmax_cross_entropy_forward``/``softmax_cross_entropy_backward``.
 
-Outputs keep the input's dtype. ``backend="numba"`` runs the elementwise and reduction work in the
-kernels of :mod:`numpyside.kernels.numba_layers`, ``"numpy"`` in NumPy ufuncs (they agree to
-``compare.tolerances.NUMBA_VS_NUMPY``); matrix products are BLAS either way. The layers trust their input:
-it is validated once, at the public boundary (:func:`compare.contract.check_inputs`).
+Outputs keep the input's dtype. By default (:data:`DEFAULT_LAYER_BACKEND`, ``"numpy"``) the
+elementwise and reduction work is the NumPy lines below, the ones ``docs/batchnorm_backward.md``
+derives: a debugger that steps into a layer walks them. ``backend="numba"`` runs the same work in
+the kernels of :mod:`numpyside.kernels.numba_layers` (they agree to ``compare.tolerances.NUMBA_VS_NUMPY``); the
+trainers and the comparison pass it. Matrix products are BLAS either way.
+
+Every public function checks its arguments (:mod:`numpyside.layer_checks`: dtypes, matching
+shapes, a batch of two or more in training mode, the backend's name) and refuses bad ones with a
+:class:`compare.contract.InputError` that names the fix. Callers that have validated their whole
+input once (:mod:`numpyside.model`, the trainers) call ``layer.unchecked`` instead: no check runs
+inside a training loop.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from typing import NamedTuple
 import numpy as np
 
 from compare.contract import BN_EPS, BN_MOMENTUM
-from numpyside.backend import DEFAULT_BACKEND
+from numpyside import layer_checks as checks
+from numpyside.backend import DEFAULT_LAYER_BACKEND
 from numpyside.kernels import numba_layers as kernels
+from numpyside.layer_checks import checked_by
 
 
 def _c(array: np.ndarray) -> np.ndarray:
@@ -39,6 +48,7 @@ class LinearCache(NamedTuple):
     has_bias: bool
 
 
+@checked_by(checks.linear_forward)
 def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
     r"""Affine map of a batch.
 
@@ -53,6 +63,7 @@ def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
     return out, LinearCache(x, weight, bias is not None)
 
 
+@checked_by(checks.linear_backward, cache_type=LinearCache)
 def linear_backward(
     dout, cache: LinearCache, *, need_dx: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
@@ -90,8 +101,9 @@ class BatchNormCache(NamedTuple):
     eps: np.floating  # in x's dtype
 
 
+@checked_by(checks.batchnorm_forward)
 def batchnorm_forward(
-    x, gamma, beta, eps: float = BN_EPS, *, backend: str = DEFAULT_BACKEND
+    x, gamma, beta, eps: float = BN_EPS, *, backend: str = DEFAULT_LAYER_BACKEND
 ) -> tuple[np.ndarray, BatchNormCache]:
     r"""Batch norm in training mode: per-feature statistics over the batch (axis 0).
 
@@ -119,8 +131,9 @@ def batchnorm_forward(
     return out, BatchNormCache(x, mean, centered, var, inv_std, x_hat, gamma, eps)
 
 
+@checked_by(checks.batchnorm_backward, cache_type=BatchNormCache)
 def batchnorm_backward(
-    dout, cache: BatchNormCache, *, backend: str = DEFAULT_BACKEND
+    dout, cache: BatchNormCache, *, backend: str = DEFAULT_LAYER_BACKEND
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Backward of :func:`batchnorm_forward`, compact closed form; ``dout`` (B, n).
 
@@ -150,6 +163,7 @@ def batchnorm_backward(
     return dx, dgamma, dbeta
 
 
+@checked_by(checks.batchnorm_backward_staged, cache_type=BatchNormCache)
 def batchnorm_backward_staged(dout, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of :func:`batchnorm_forward`, staged: one step per node of the graph, in reverse.
 
@@ -196,7 +210,10 @@ def batchnorm_backward_staged(dout, cache: BatchNormCache) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------------------------
 
 
-def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+@checked_by(checks.batchnorm_eval)
+def batchnorm_eval(
+    x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: str = DEFAULT_LAYER_BACKEND
+) -> np.ndarray:
     r"""Batch norm in eval mode with the running statistics ``mean, var`` (n,); ``x`` (B, n).
 
     .. math::
@@ -211,6 +228,7 @@ def batchnorm_eval(x, gamma, beta, mean, var, eps: float = BN_EPS, *, backend: s
     return gamma * ((x - mean) * inv_std) + beta
 
 
+@checked_by(checks.update_running_stats)
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int) -> dict:
     """PyTorch's rule: ``running <- (1 - m) running + m batch_stat`` with ``m = 0.1``.
 
@@ -229,7 +247,8 @@ def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: in
 # --------------------------------------------------------------------------------------------
 
 
-def sigmoid_forward(x, *, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, np.ndarray]:
+@checked_by(checks.sigmoid_forward)
+def sigmoid_forward(x, *, backend: str = DEFAULT_LAYER_BACKEND) -> tuple[np.ndarray, np.ndarray]:
     r"""Logistic function, elementwise, any shape (here (B, n)).
 
     .. math::
@@ -250,7 +269,8 @@ def sigmoid_forward(x, *, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, n
     return out, out
 
 
-def sigmoid_backward(dout, cache: np.ndarray, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+@checked_by(checks.sigmoid_backward)
+def sigmoid_backward(dout, cache: np.ndarray, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     r"""Backward of :func:`sigmoid_forward`: ``ds/dx = s (1 - s)``.
 
     .. math:: dx = dout\ s\ (1 - s)
@@ -275,8 +295,9 @@ class SoftmaxCrossEntropyCache(NamedTuple):
     is_gradient: bool  # True when ``probs`` already holds dL/dz (the numba kernel computes both)
 
 
+@checked_by(checks.softmax_cross_entropy_forward)
 def softmax_cross_entropy_forward(
-    logits, labels, *, backend: str = DEFAULT_BACKEND
+    logits, labels, *, backend: str = DEFAULT_LAYER_BACKEND
 ) -> tuple[np.floating, SoftmaxCrossEntropyCache]:
     r"""Mean softmax cross-entropy of ``logits`` (B, C) against integer ``labels`` (B,) in 0..C-1.
 
@@ -300,6 +321,7 @@ def softmax_cross_entropy_forward(
     return loss, SoftmaxCrossEntropyCache(probs, labels, False)
 
 
+@checked_by(checks.softmax_cross_entropy_backward, cache_type=SoftmaxCrossEntropyCache)
 def softmax_cross_entropy_backward(dloss, cache: SoftmaxCrossEntropyCache) -> np.ndarray:
     r"""Backward of :func:`softmax_cross_entropy_forward`; ``dloss`` is the scalar ``dL_total/dL``.
 
@@ -318,7 +340,8 @@ def softmax_cross_entropy_backward(dloss, cache: SoftmaxCrossEntropyCache) -> np
         return dlogits * dlogits.dtype.type(dloss)
 
 
-def softmax_cross_entropy(logits, labels, *, backend: str = DEFAULT_BACKEND) -> tuple[np.floating, np.ndarray]:
+@checked_by(checks.softmax_cross_entropy)
+def softmax_cross_entropy(logits, labels, *, backend: str = DEFAULT_LAYER_BACKEND) -> tuple[np.floating, np.ndarray]:
     """Forward and backward together (CS231n's ``softmax_loss``): ``(loss, dL/dlogits)``."""
-    loss, cache = softmax_cross_entropy_forward(logits, labels, backend=backend)
-    return loss, softmax_cross_entropy_backward(1, cache)
+    loss, cache = softmax_cross_entropy_forward.unchecked(logits, labels, backend=backend)
+    return loss, softmax_cross_entropy_backward.unchecked(1, cache)

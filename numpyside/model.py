@@ -13,7 +13,9 @@ validated by :func:`compare.contract.check_inputs`:
 * ``hidden_pre_activations(params, state, images) -> [(B, 100)] * 3`` (eval mode, each sigmoid's input)
 * ``per_example_grads(params, state, images, labels, *, train=True) -> (losses, grads, new_state)`` (leaves (B, ...))
 
-All take a keyword-only ``backend="numba" | "numpy"`` that selects the elementwise/reduction kernels.
+All take a keyword-only ``backend="numpy" | "numba"`` that selects the elementwise/reduction kernels:
+by default the NumPy lines of :mod:`numpyside.layers` (a debugger steps from here into the lines
+that ``docs/batchnorm_backward.md`` derives); the trainers and the comparison pass ``"numba"``.
 """
 
 from __future__ import annotations
@@ -21,23 +23,25 @@ from __future__ import annotations
 import numpy as np
 
 from compare import contract
-from numpyside.backend import DEFAULT_BACKEND, check_backend
-from numpyside.layers import (
-    batchnorm_backward,
-    batchnorm_eval,
-    batchnorm_forward,
-    linear_backward,
-    linear_forward,
-    sigmoid_backward,
-    sigmoid_forward,
-    softmax_cross_entropy_backward,
-    softmax_cross_entropy_forward,
-    update_running_stats,
-)
+from numpyside import layers
+from numpyside.backend import DEFAULT_LAYER_BACKEND, check_backend
 from numpyside.per_example import per_example_losses_and_grads
 
+# The model checks its whole input once (check_inputs below); past that door it calls the layers'
+# unchecked forms, so that no check runs per layer and step in a training loop.
+linear_forward = layers.linear_forward.unchecked
+linear_backward = layers.linear_backward.unchecked
+batchnorm_forward = layers.batchnorm_forward.unchecked
+batchnorm_backward = layers.batchnorm_backward.unchecked
+batchnorm_eval = layers.batchnorm_eval.unchecked
+sigmoid_forward = layers.sigmoid_forward.unchecked
+sigmoid_backward = layers.sigmoid_backward.unchecked
+softmax_cross_entropy_forward = layers.softmax_cross_entropy_forward.unchecked
+softmax_cross_entropy_backward = layers.softmax_cross_entropy_backward.unchecked
+update_running_stats = layers.update_running_stats.unchecked
 
-def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_BACKEND):
+
+def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_LAYER_BACKEND):
     """Logits ``(B, 10)`` of a batch, the new running statistics, and the caches for ``backward``.
 
     Hidden layer: ``sigmoid(batchnorm(x @ W))`` (or ``sigmoid(x @ W + b)`` with batch norm off);
@@ -51,7 +55,7 @@ def forward(params, state, images: np.ndarray, *, train: bool, backend: str = DE
     return logits, new_state, caches
 
 
-def hidden_layers(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_BACKEND):
+def hidden_layers(params, state, images: np.ndarray, *, train: bool, backend: str = DEFAULT_LAYER_BACKEND):
     """The hidden layers of :func:`forward`: ``(output, new_state, caches, pre_activations)``.
 
     ``pre_activations[i]`` (B, n) is the input of layer ``i``'s sigmoid: ``x @ W + b``, or with
@@ -75,7 +79,7 @@ def hidden_layers(params, state, images: np.ndarray, *, train: bool, backend: st
     return x, new_state, caches, pre_activations
 
 
-def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEND) -> list[dict[str, np.ndarray]]:
+def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_LAYER_BACKEND) -> list[dict[str, np.ndarray]]:
     """Gradients of every parameter, in the layout of ``params``: the forward's layers in reverse.
 
     Per hidden layer (reverse order): ``sigmoid_backward`` -> ``batchnorm_backward`` (gives
@@ -96,7 +100,7 @@ def backward(dlogits: np.ndarray, caches: list, *, backend: str = DEFAULT_BACKEN
     return grads
 
 
-def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_LAYER_BACKEND):
     r"""Mean cross-entropy over the batch (training mode) and the new running statistics.
 
     .. math:: L = -\tfrac1B \textstyle\sum_b \log \mathrm{softmax}(z_b)_{y_b}
@@ -108,7 +112,7 @@ def batch_loss(params, state, images, labels, *, backend: str = DEFAULT_BACKEND)
     return loss, new_state
 
 
-def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_LAYER_BACKEND):
     """:func:`batch_loss` and its gradients (the forward's layers in reverse), unchecked.
 
     Returns ``(loss, grads, new_state)``; ``grads`` has the layout of ``params``.
@@ -119,19 +123,19 @@ def batch_loss_and_grads(params, state, images, labels, *, backend: str = DEFAUL
     return loss, backward(dlogits, caches, backend=backend), new_state
 
 
-def eval_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+def eval_logits(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(B, 10)`` (batch norm with the running statistics), unchecked."""
     return forward(params, state, images, train=False, backend=backend)[0]
 
 
-def eval_logits_and_pre_activations(params, state, images, *, backend: str = DEFAULT_BACKEND):
+def eval_logits_and_pre_activations(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND):
     """Eval-mode logits ``(B, 10)`` and every hidden layer's sigmoid input ``(B, 100)``, from one
     forward pass, unchecked."""
     x, _, _, pre_activations = hidden_layers(params, state, images, train=False, backend=backend)
     return linear_forward(x, params[-1]["weight"], params[-1]["bias"])[0], pre_activations
 
 
-def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_BACKEND):
+def check_inputs(params, state, images, labels=None, *, train: bool = False, backend: str = DEFAULT_LAYER_BACKEND):
     """:func:`compare.contract.check_inputs`, plus: ``backend`` must be one of ``BACKENDS``."""
     check_backend(backend)
     return contract.check_inputs(params, state, images, labels, train=train)
@@ -142,7 +146,7 @@ def _as_numpy(tree):
     return [{key: np.ascontiguousarray(value) for key, value in layer.items()} for layer in tree]
 
 
-def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACKEND):
+def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_LAYER_BACKEND):
     """Training-mode loss, handwritten gradients (same layout as ``params``), new running stats.
 
     ``images`` are cast to the parameters' dtype. With batch norm off, ``state`` is ``[]`` and so
@@ -152,19 +156,19 @@ def loss_and_grads(params, state, images, labels, *, backend: str = DEFAULT_BACK
     return batch_loss_and_grads(_as_numpy(params), _as_numpy(state or []), images, labels, backend=backend)
 
 
-def predict_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+def predict_logits(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     """Eval-mode logits ``(B, 10)``: batch norm uses the running statistics in ``state``."""
     _, _, images, _ = check_inputs(params, state, images, backend=backend)
     return eval_logits(_as_numpy(params), _as_numpy(state or []), images, backend=backend)
 
 
-def train_logits(params, state, images, *, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+def train_logits(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> np.ndarray:
     """Training-mode logits ``(B, 10)``: batch norm uses this batch's statistics."""
     _, _, images, _ = check_inputs(params, state, images, train=True, backend=backend)
     return forward(_as_numpy(params), _as_numpy(state or []), images, train=True, backend=backend)[0]
 
 
-def hidden_pre_activations(params, state, images, *, backend: str = DEFAULT_BACKEND) -> list[np.ndarray]:
+def hidden_pre_activations(params, state, images, *, backend: str = DEFAULT_LAYER_BACKEND) -> list[np.ndarray]:
     """Eval-mode input of each hidden layer's sigmoid, ``(B, 100)`` per layer (with batch norm:
     ``gamma * x_hat + beta`` with the running statistics; without: ``x @ W + b``)."""
     _, _, images, _ = check_inputs(params, state, images, backend=backend)
@@ -172,7 +176,7 @@ def hidden_pre_activations(params, state, images, *, backend: str = DEFAULT_BACK
     return eval_logits_and_pre_activations(params, state, images, backend=backend)[1]
 
 
-def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_BACKEND):
+def per_example_grads(params, state, images, labels, *, train: bool = True, backend: str = DEFAULT_LAYER_BACKEND):
     """Per-example losses ``(B,)``, gradients (leaves ``(B, *shape)``) and new running statistics.
 
     ``g_b`` is row ``b``'s term of the handwritten backward of ``sum_b loss_b`` (cross-entropy, not

@@ -23,14 +23,15 @@ import numpy as np
 
 from compare import contract
 from compare.contract import BN_EPS, InputError
-from numpyside.layers import (
-    linear_backward,
-    linear_forward,
-    sigmoid_backward,
-    sigmoid_forward,
-    softmax_cross_entropy,
-    update_running_stats,
-)
+from numpyside import layers
+
+# the inputs are checked once, at this module's public door: the layers' unchecked forms from here on
+linear_backward = layers.linear_backward.unchecked
+linear_forward = layers.linear_forward.unchecked
+sigmoid_backward = layers.sigmoid_backward.unchecked
+sigmoid_forward = layers.sigmoid_forward.unchecked
+update_running_stats = layers.update_running_stats.unchecked
+softmax_cross_entropy = layers.softmax_cross_entropy.unchecked
 
 #: When an all-reduce happens: in the forward, in the backward, or at the end of the step.
 FORWARD, BACKWARD, END = "forward", "backward", "end of step"

@@ -18,16 +18,16 @@ from typing import NamedTuple
 import numpy as np
 
 from compare.contract import BN_EPS
-from numpyside.layers import (
-    BatchNormCache,
-    LinearCache,
-    batchnorm_backward,
-    batchnorm_forward,
-    linear_forward,
-    sigmoid_backward,
-    sigmoid_forward,
-    update_running_stats,
-)
+from numpyside import layers
+from numpyside.layers import BatchNormCache, LinearCache
+
+# numpyside.model.per_example_grads has checked the input: the layers' unchecked forms from here on
+batchnorm_backward = layers.batchnorm_backward.unchecked
+batchnorm_forward = layers.batchnorm_forward.unchecked
+linear_forward = layers.linear_forward.unchecked
+sigmoid_backward = layers.sigmoid_backward.unchecked
+sigmoid_forward = layers.sigmoid_forward.unchecked
+update_running_stats = layers.update_running_stats.unchecked
 
 
 class CrossEntropyRowsCache(NamedTuple):

@@ -20,14 +20,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from compare import contract, training
-from compare.contract import BN_EPS, InputError
+from compare.contract import InputError
 from compare.init import init_params, init_state
 from compare.metrics import max_abs_err, max_rel_err
 from jaxside import equinox_model
 from jaxside import model as J
 from jaxside.train import Trainer as JaxTrainer
-from numpyside import layers as NL
 from numpyside import model as N
+from numpyside.mistakes import BATCHNORM_BACKWARD, MISTAKES, both_held_constant
 from numpyside.train import Trainer as NumpyTrainer
 from tests.helpers import random_params, random_state, with_changes
 
@@ -285,7 +285,7 @@ def test_spread_does_not_hide_a_bug_in_a_tiny_batch(monkeypatch):
     reference = run_jax(params, state, images, labels)
     limits = tolerances(TOL, np.float64, reference, rounding_spread(params, state, images, labels, reference, 892))
     assert max(limits.values()) < 1e-7
-    monkeypatch.setattr(N, "batchnorm_backward", _bn_backward_without_coupling)
+    monkeypatch.setattr(N, "batchnorm_backward", both_held_constant)
     errs = errors(run_numpy(params, state, images, labels, "numpy"), reference)
     assert errs["grad 0.weight"] > 1e3 * limits["grad 0.weight"], (errs["grad 0.weight"], limits["grad 0.weight"])
 
@@ -295,63 +295,26 @@ def test_spread_does_not_hide_a_bug_in_a_tiny_batch(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
-_update_running_stats = N.update_running_stats
-
-
-def _biased_running_variance(running, mean, var, n):
-    return _update_running_stats(running, mean, var * np.asarray((n - 1) / n, var.dtype), n)
-
-
-def _bn_forward_without_eps(x, gamma, beta, eps=BN_EPS, *, backend="numpy"):
-    return NL.batchnorm_forward(x, gamma, beta, eps=0.0, backend=backend)
-
-
-def _bn_backward_without_coupling(dout, cache, *, backend="numpy"):
-    _, dgamma, dbeta = NL.batchnorm_backward(dout, cache, backend=backend)
-    return cache.gamma * cache.inv_std * dout, dgamma, dbeta
-
-
-def _sigmoid_backward_with_s(dout, cache, *, backend="numpy"):
-    return dout * cache
-
-
-MUTANTS = {
-    # (attribute of numpyside.model, replacement, dtype in which the bug must show, quantities it must break)
-    # (after one step with momentum 0.1 a biased variance moves the running variance by only
-    # 0.1 * var / (n - 1) ~ 8e-5 relative on MNIST at n = 128: below float32's 1e-4, so float64)
-    "running var biased": (
-        "update_running_stats",
-        _biased_running_variance,
-        np.float64,
-        ["state 0.var", "state 2.var"],
-    ),
-    "eps left out": (
-        "batchnorm_forward",
-        _bn_forward_without_eps,
-        np.float64,
-        ["train_logits", "loss", "grad 0.gamma"],
-    ),
-    "bn backward uncoupled": (
-        "batchnorm_backward",
-        _bn_backward_without_coupling,
-        np.float32,
-        ["grad 0.weight", "grad 1.beta"],
-    ),
-    "sigmoid' = s": ("sigmoid_backward", _sigmoid_backward_with_s, np.float32, ["grad 0.weight", "grad 2.gamma"]),
-}
-
-
-@pytest.mark.parametrize("mutant", list(MUTANTS))
-def test_comparison_catches_a_plausible_bug(mnist_batch, mutant, monkeypatch):
-    name, replacement, dtype, broken = MUTANTS[mutant]
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_comparison_catches_a_plausible_bug(mnist_batch, name, monkeypatch):
+    """Every mistake of numpyside.mistakes (the gallery of ``python -m compare.mistakes`` among them),
+    put in place of the correct code, breaks the quantities it lists by 10x the tolerance."""
+    mistake = MISTAKES[name]
     images, labels = mnist_batch
-    params, state = make_params("random", 3, dtype, True)
+    params, state = make_params("random", 3, mistake.dtype, True)
     reference = run_jax(params, state, images, labels)
-    assert max(errors(run_numpy(params, state, images, labels, "numpy"), reference).values()) <= TOL[np.dtype(dtype)]
-    monkeypatch.setattr(N, name, replacement)
+    tol = TOL[np.dtype(mistake.dtype)]
+    assert max(errors(run_numpy(params, state, images, labels, "numpy"), reference).values()) <= tol
+    for attribute, wrong in mistake.patches.items():
+        monkeypatch.setattr(N, attribute, wrong)
     errs = errors(run_numpy(params, state, images, labels, "numpy"), reference)
-    for key in broken:
-        assert errs[key] > 10 * TOL[np.dtype(dtype)], (key, errs[key])
+    for key in mistake.breaks:
+        assert errs[key] > 10 * tol, (key, errs[key])
+
+
+def test_the_gallery_shows_only_mistakes_the_comparison_catches():
+    assert set(BATCHNORM_BACKWARD) <= set(MISTAKES)
+    assert all(MISTAKES[name].layer_backward is not None for name in BATCHNORM_BACKWARD)
 
 
 # ----------------------------------------------------------------------------------------------

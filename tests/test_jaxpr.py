@@ -1,5 +1,4 @@
-"""The collectives in the jaxprs of the per-example batch-norm gradient (``compare.jaxpr``), and the
-code links of ``docs/batchnorm_backward.md``.
+"""The collectives in the jaxprs of the per-example batch-norm gradient (``compare.jaxpr``).
 
 Counts established against jax 0.10.2: the forward of ``jaxside.layers.batchnorm_train`` traced with
 ``axis_env=[("batch", N)]`` holds 2 ``psum[axes=('batch',)]`` (``pmean`` is ``psum`` + ``div``: mean and
@@ -10,9 +9,7 @@ the backward adds none. After ``vmap`` the forward ones are ``psum[axes=(0,)]`` 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -34,8 +31,6 @@ from compare.studies.jaxpr import (
 )
 from jaxside.layers import BATCH_AXIS
 from numpyside.layers import batchnorm_backward, batchnorm_backward_staged, batchnorm_forward
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -126,20 +121,3 @@ def test_cli_refuses_a_batch_of_one(capsys):
     with pytest.raises(SystemExit) as excinfo:
         main(["--batch", "1"])
     assert excinfo.value.code == 2
-
-
-DOC = REPO / "docs" / "batchnorm_backward.md"
-CODE_LINK = re.compile(r"\[`([^`]+)`\]\((\.\./[^)#]+)#L(\d+)\)")
-
-
-def test_doc_code_links_point_at_the_statement_they_name():
-    """Each ``[`code`](../file.py#L123)`` link in the doc: line 123 of that file holds ``code``."""
-    links = CODE_LINK.findall(DOC.read_text(encoding="utf-8"))
-    assert len(links) >= 20
-    stale = []
-    for code, target, line in links:
-        lines = (DOC.parent / target).resolve().read_text(encoding="utf-8").splitlines()
-        number = int(line)
-        if not (1 <= number <= len(lines) and code in lines[number - 1]):
-            stale.append(f"{target}#L{line}: expected {code!r}")
-    assert not stale, "docs/batchnorm_backward.md has stale code links:\n" + "\n".join(stale)

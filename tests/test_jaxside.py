@@ -18,6 +18,7 @@ from compare.init import init_params, init_state
 from compare.train_jax import main as train_main
 from compare.train_jax import train
 from jaxside import forward_pass, loss_and_grads, predict_logits
+from jaxside import layers as jax_layers
 from jaxside.layers import UnboundBatchAxisError, batchnorm_eval, batchnorm_train
 from jaxside.model import batched_forward
 from tests.helpers import random_params, random_state, with_changes
@@ -566,3 +567,23 @@ def test_float64_is_refused_when_x64_is_off():
         assert "float64 parameters need JAX's 64-bit mode" in line
         assert "jax.config.update('jax_enable_x64', True)" in line
     assert np.isfinite(float(lines[-1].split()[-1]))
+
+
+def test_layers_refuse_float64_they_can_see_while_64_bit_mode_is_off():
+    """With JAX's 64-bit mode off a float64 NumPy array would be computed in float32 without a word;
+    a layer that sees one says so (under vmap/jit it is float32 already: only the switch helps)."""
+    x = np.linspace(-1.0, 1.0, 3)
+    jax.config.update("jax_enable_x64", False)
+    try:
+        for call in (
+            lambda: jax_layers.sigmoid(x),
+            lambda: jax_layers.linear(x, np.eye(3)),
+            lambda: jax_layers.batchnorm_eval(x, x, x, x, np.ones(3)),
+            lambda: jax_layers.cross_entropy(x, 0),
+        ):
+            with pytest.raises(InputError, match="jax_enable_x64"):
+                call()
+        assert jax_layers.sigmoid(x.astype(np.float32)).dtype == np.float32  # float32 is fine
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert jax_layers.sigmoid(x).dtype == np.float64

@@ -7,6 +7,8 @@ Errors are the project's normwise ``max|a - b| / max|b|`` (``compare.metrics.max
 
 from __future__ import annotations
 
+import inspect
+import sys
 import warnings
 import zlib
 
@@ -15,10 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compare.contract import BN_EPS
+from compare.contract import BN_EPS, InputError
 from compare.metrics import max_abs_err, max_rel_err
 from compare.tolerances import NUMBA_VS_NUMPY as TOLERANCE
 from numpyside import layers as L
+from numpyside import model as N
+from numpyside.backend import DEFAULT_BACKEND
+from numpyside.fast import FastTrainer
+from numpyside.train import Trainer as NumpyTrainer
+from tests.helpers import random_params, random_state
 
 BACKENDS = ("numpy", "numba")
 DTYPES = (np.float32, np.float64)
@@ -458,5 +465,126 @@ def test_every_output_keeps_the_input_dtype(backend, dtype):
             assert leaf.dtype == np.dtype(dtype), (name, leaf.dtype)
 
 
-# Bad input is refused at the public boundary (compare.contract.check_inputs), not inside these
-# layers: see tests/test_equivalence.py's BAD_INPUTS, run through every public entry point.
+# --------------------------------------------------------------------------------------------
+# called by hand: bad calls refused, the NumPy lines by default, no checks in the training loop
+# --------------------------------------------------------------------------------------------
+
+
+def bad_calls():
+    """``name -> (call(backend), words the error must contain)``: the calls a learner makes by mistake
+    (issue 21's list first), each on a (4, 3) batch."""
+    rng = np.random.default_rng(20)
+    x, gamma, beta = bn_inputs(rng, 4, 3)
+    _, cache = L.batchnorm_forward(x, gamma, beta)
+    s, _ = L.sigmoid_forward(x)
+    _, linear_cache = L.linear_forward(x, rng.standard_normal((3, 2)))
+    _, ce_cache = L.softmax_cross_entropy_forward(x, np.array([0, 1, 2, 0]))
+    return {
+        "gamma of 2 for 3 features": (
+            lambda b: L.batchnorm_forward(x, gamma[:2], beta, backend=b),
+            ["gamma has shape (2,)", "3 features", "shape (3,)"],
+        ),
+        "dout (2, 3) against a cache of (4, 3)": (
+            lambda b: L.batchnorm_backward(np.ones((2, 3)), cache, backend=b),
+            ["dout has shape (2, 3)", "(4, 3)", "pass the gradient of that output"],
+        ),
+        "integer x": (
+            lambda b: L.batchnorm_forward(np.arange(12).reshape(4, 3), gamma, beta, backend=b),
+            ["int64", "x.astype(np.float64)"],
+        ),
+        "a batch of one in training mode": (
+            lambda b: L.batchnorm_forward(x[:1], gamma, beta, backend=b),
+            ["at least 2 examples, got 1", "batchnorm_eval"],
+        ),
+        "unknown backend": (lambda b: L.batchnorm_forward(x, gamma, beta, backend="numpi"), ["'numpi'", "'numba'"]),
+        "float32 gamma with float64 x": (
+            lambda b: L.batchnorm_forward(x, gamma.astype(np.float32), beta, backend=b),
+            ["gamma has dtype float32", "gamma.astype(x.dtype)"],
+        ),
+        "a list for x": (lambda b: L.sigmoid_forward([[1.0, 2.0]], backend=b), ["NumPy array, got list", "np.asarray"]),
+        "integer x to the sigmoid": (lambda b: L.sigmoid_forward(np.arange(3), backend=b), ["int64", "astype"]),
+        "sigmoid dout of another shape": (
+            lambda b: L.sigmoid_backward(np.ones((4, 2)), s, backend=b),
+            ["dout has shape (4, 2)", "(4, 3)"],
+        ),
+        "a transposed weight": (
+            lambda b: L.linear_forward(x, np.ones((2, 3))),
+            ["weight has shape (2, 3)", "(3, ...)"],
+        ),
+        "linear dout of another shape": (lambda b: L.linear_backward(np.ones((4, 3)), linear_cache), ["(4, 2)"]),
+        "a label past the classes": (
+            lambda b: L.softmax_cross_entropy(x, np.array([0, 1, 3, 0]), backend=b),
+            ["labels must lie in 0..2", "labels[2] = 3"],
+        ),
+        "float labels": (lambda b: L.softmax_cross_entropy(x, np.zeros(4), backend=b), ["integer class indices"]),
+        "a negative running variance": (
+            lambda b: L.batchnorm_eval(x, gamma, beta, beta, -np.abs(gamma), backend=b),
+            ["var must hold variances", "var[0]"],
+        ),
+        "a negative eps": (lambda b: L.batchnorm_forward(x, gamma, beta, -1e-5, backend=b), ["eps must be", ">= 0"]),
+        "a cache that is not one": (
+            lambda b: L.batchnorm_backward(np.ones((4, 3)), tuple(cache), backend=b),
+            ["BatchNormCache that batchnorm_forward returned", "got tuple"],
+        ),
+        "a vector dloss": (lambda b: L.softmax_cross_entropy_backward(np.ones(4), ce_cache), ["dloss must be"]),
+        "running statistics of another width": (
+            lambda b: L.update_running_stats({"mean": beta[:2], "var": gamma[:2]}, beta, gamma, 4),
+            ["running['mean'] has shape (2,)", "shape (3,)"],
+        ),
+        "a batch size of one for the unbiased variance": (
+            lambda b: L.update_running_stats({"mean": beta, "var": gamma}, beta, gamma, 1),
+            ["n must be the batch size", "n - 1"],
+        ),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(bad_calls()))
+def test_a_bad_call_by_hand_is_refused_with_its_fix(case, backend):
+    call, words = bad_calls()[case]
+    with pytest.raises(InputError) as error:
+        call(backend)
+    assert all(word in str(error.value) for word in words), (str(error.value), words)
+
+
+def test_every_public_layer_is_checked_and_the_model_calls_the_unchecked_forms():
+    public = [
+        name for name, value in vars(L).items() if callable(value) and getattr(value, "__module__", "") == L.__name__
+    ]
+    functions = [name for name in public if not isinstance(getattr(L, name), type) and not name.startswith("_")]
+    assert len(functions) == 12, functions  # the 11 layer functions and update_running_stats
+    assert all(hasattr(getattr(L, name), "unchecked") for name in functions)
+    for name in ("linear_forward", "batchnorm_forward", "batchnorm_backward", "sigmoid_backward"):
+        assert getattr(N, name) is getattr(L, name).unchecked  # past numpyside.model's own check
+
+
+def test_layers_and_model_default_to_numpy_and_the_trainers_to_numba():
+    def default(fn):
+        return inspect.signature(fn).parameters["backend"].default
+
+    assert default(L.batchnorm_backward) == default(N.loss_and_grads) == default(N.backward) == "numpy"
+    assert default(NumpyTrainer) == default(FastTrainer) == DEFAULT_BACKEND == "numba"
+
+
+def test_a_debugger_stepping_in_from_the_model_walks_the_numpy_lines():
+    """Every statement that ``numpyside.model.loss_and_grads`` runs in numpyside/layers.py's batch-norm
+    backward, traced line by line: the compact NumPy lines the derivation describes, no kernel."""
+    params, state = random_params(4), random_state(4)
+    rng = np.random.default_rng(4)
+    images, labels = rng.random((8, 784)), rng.integers(0, 10, 8)
+    code = L.batchnorm_backward.unchecked.__code__
+    lines = set()
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code and event == "line":
+            lines.add(inspect.getsourcelines(code)[0][frame.f_lineno - code.co_firstlineno].strip())
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        N.loss_and_grads(params, state, images, labels)
+    finally:
+        sys.settrace(None)
+    assert "dbeta = dout.sum(axis=0)" in lines
+    assert "dx = (cache.gamma * cache.inv_std / n_rows) * (n_rows * dout - dbeta - x_hat * dgamma)" in lines
+    assert not any("kernels." in line for line in lines)

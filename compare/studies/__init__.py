@@ -7,5 +7,7 @@
 * :mod:`~compare.studies.variance`: why the batch variance is summed in two passes, ``python -m compare.variance``;
 * :mod:`~compare.studies.sync_counts`: the all-reduces of one synchronised step, counted on both sides;
 * :mod:`~compare.studies.bn_paper`: why batch norm at all, the BN paper's MNIST experiment on both sides,
-  ``python -m compare.bn_paper``.
+  ``python -m compare.bn_paper``;
+* :mod:`~compare.studies.mistakes`: the classic wrong batch-norm backwards, each in place of the
+  correct one, and what the comparison shows, ``python -m compare.mistakes``.
 """

@@ -38,6 +38,7 @@ from compare.studies.jaxpr import FORWARD, by_direction, highlighted, is_named_c
 from jaxside import model as jax_model
 from jaxside.layers import BATCH_AXIS
 from numpyside import model as numpy_model
+from numpyside.backend import DEFAULT_BACKEND
 
 Grads = list[dict[str, np.ndarray]]
 
@@ -146,7 +147,7 @@ def _configurations(seed: int, dtype, images, labels) -> dict[str, tuple]:
 def _side_agreement(params, state, images, labels, train: bool) -> dict[str, float]:
     """numpy vs jax ``per_example_grads``, per leaf (``max|a - b| / max|b|``, b = JAX)."""
     jax_grads = jax_model.per_example_grads(params, state, images, labels, train=train)[1]
-    numpy_grads = numpy_model.per_example_grads(params, state, images, labels, train=train)[1]
+    numpy_grads = numpy_model.per_example_grads(params, state, images, labels, train=train, backend=DEFAULT_BACKEND)[1]
     return {label: max_rel_err(b, a) for (label, a), (_, b) in zip(leaves(jax_grads), leaves(numpy_grads))}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from compare.contract import ensemble as ensemble_contract
+from numpyside import layers as single_model_layers
 from numpyside.backend import DEFAULT_BACKEND, check_backend
 from numpyside.ensemble.layers import (
     batchnorm_backward,
@@ -27,7 +28,10 @@ from numpyside.ensemble.layers import (
     softmax_cross_entropy_backward,
     softmax_cross_entropy_forward,
 )
-from numpyside.layers import sigmoid_backward, sigmoid_forward
+
+# the inputs are checked once, at this module's public door: the single model's sigmoid, unchecked
+sigmoid_forward = single_model_layers.sigmoid_forward.unchecked
+sigmoid_backward = single_model_layers.sigmoid_backward.unchecked
 
 
 def update_running_stats(running: dict, mean: np.ndarray, var: np.ndarray, n: int, momentum: np.ndarray) -> dict:

@@ -1,0 +1,4 @@
+from compare.studies.mistakes import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
