@@ -12,13 +12,13 @@ import json
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jaxside.devices import checked_devices, jax_started, request_devices
 from rich.console import Console
 
 from compare.cli import load_data
 from compare.contract import InputError
 from compare.parallel import launcher, scaling
 from compare.parallel.sharded import compare_sharded
+from jaxside.devices import checked_devices, jax_started, request_devices
 from jaxside.parallel import make_mesh
 
 
