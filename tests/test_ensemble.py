@@ -2,7 +2,10 @@
 
 Tolerances (normwise relative, ``compare.metrics``): against the single model in float64, 1e-12
 (the same sums in another order: a few hundred ulps at most); between the two ensemble sides,
-1e-10 in float64 and 1e-4 in float32, the project's step-0 tolerances (``compare/run.py``).
+1e-10 in float64 and 1e-4 in float32, the project's step-0 tolerances (``compare/run.py``). A shared
+batch's side-by-side first-layer products against the single model's: per entry, the bound for two
+summation orders of its K terms, 2K units of roundoff of ``sum_k |x_k y_k|`` (BLAS picks the order
+by the product's shape; :func:`reordered_sum_bound`).
 Small shapes (M = 3, B = 16) keep the file fast; real MNIST images, so batch norm sees real data.
 """
 
@@ -21,12 +24,20 @@ from compare.init import init_ensemble, init_params, init_state
 from jaxside import ensemble as jax_ensemble
 from jaxside.train import Trainer as SingleJaxTrainer
 from numpyside import ensemble as numpy_ensemble
+from numpyside import layers as single_layers
+from numpyside.ensemble import layers as ensemble_layers
 from tests.helpers import random_params, random_state
 
 M, B = 3, 16
 SIDES = {"jax": jax_ensemble, "numpy": numpy_ensemble}
 TOL_SINGLE = 1e-12
 TOL_SIDES = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
+#: A shared batch's side-by-side product against the single model's, per entry of K terms, in units
+#: of roundoff ``u`` of ``s = sum_k |x_k y_k|``: the BLAS sums the same K products in an order it picks
+#: by the product's shape; any order is within ``gamma_K s`` (``gamma_K = K u / (1 - K u)``) of the
+#: exact sum, so two orders within ``2 gamma_K s``: 2 per term (``u s < ulp(s)``: at most 2K ulps of
+#: ``s``). Measured here: 3 units at most, K = 16 (:func:`reordered_sum_bound`).
+REORDERED_SUM_ROUNDOFF_PER_TERM = 2
 
 
 def stack(members):
@@ -102,15 +113,64 @@ def test_member_k_is_the_single_model(side, batch, batches):
         assert rel_err(logits[k], jax_model.predict_logits(member(params, k), member(state, k), x)) <= TOL_SINGLE
 
 
-def test_numba_member_with_one_ghost_batch_is_the_single_numba_model_bit_for_bit(batches):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_member_with_one_ghost_batch_is_the_single_numba_model_bit_for_bit(dtype, batches):
     """The NumPy side always views the batch as (M, G, b, n) blocks; with G = 1 the block kernels
-    reduce in the single model's order, so every bit agrees."""
-    params, state = random_ensemble()
-    images, labels = batches["shared"]
-    result = numpy_ensemble.loss_and_grads(params, state, images, labels, ghost_batches=1, backend="numba")
-    for k in range(M):
-        loss, g, s = numpy_model.loss_and_grads(member(params, k), member(state, k), images, labels, backend="numba")
-        assert bit_equal((result[0][k], member(result[1], k), member(result[2], k)), (loss, g, s))
+    reduce in the single model's order, so every bit agrees. Per-member batches, so that every
+    product is BLAS on the single model's shapes (``np.matmul`` on stacks calls it member by member)
+    and runs the single model's kernel, with one BLAS thread and with two. (A shared batch's first
+    layer is one wider product: the next test.)"""
+    params, state = random_ensemble(dtype)
+    images, labels = batches["per_member"][0].astype(dtype), batches["per_member"][1]
+    for blas_threads in (1, 2):
+        with threadpool_limits(blas_threads, user_api="blas"):
+            result = numpy_ensemble.loss_and_grads(params, state, images, labels, ghost_batches=1, backend="numba")
+            for k in range(M):
+                single = numpy_model.loss_and_grads(
+                    member(params, k), member(state, k), images[k], labels[k], backend="numba"
+                )
+                assert bit_equal((result[0][k], member(result[1], k), member(result[2], k)), single), (k, blas_threads)
+
+
+def reordered_sum_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per entry of ``a @ b`` (K terms), the largest gap between two floating-point evaluations that
+    sum its terms in different orders (with or without FMA): :data:`REORDERED_SUM_ROUNDOFF_PER_TERM`.
+    ``s`` in float64 (exact products for float32 operands; its own rounding is O(u^2) s)."""
+    n_terms = a.shape[-1]
+    u = np.finfo(a.dtype).eps / 2
+    s = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    return REORDERED_SUM_ROUNDOFF_PER_TERM * n_terms * u / (1 - n_terms * u) * s
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_shared_batch_side_by_side_products_are_the_single_models_products_up_to_summation_order(dtype, batches):
+    """A batch shared by all members makes the first layer's two products ONE BLAS call each,
+    ``x [W_1 ... W_M]`` (B, M n) and ``x^T [D_1 ... D_M]`` (784, M n), as ``vmap``'s batching rule
+    does: member ``m``'s block holds the same dot products as the single model's ``x W_m`` and
+    ``x^T D_m``, but the BLAS picks its kernel and blocking by the product's shape, so the order
+    in which it sums them too. Measured (OpenBLAS 0.3.31, SkylakeX kernel, float64): the last 4
+    columns of a product over ~190 columns wide, of width 4 mod 8, sum as two interleaved FMA chains (even and odd
+    k) added at the end, the 100-column product as one chain, so for M = 3 the last member's last
+    4 columns differ by up to 3 units of roundoff of ``sum_k |x_k y_k|`` (the forward's only with
+    one BLAS thread: the two-thread split gives narrower blocks). No code of ours chooses that
+    order, so the claim here is the order-independent bound of :func:`reordered_sum_bound` (K = B
+    for ``dW``, 784 for the forward); one example's term left out of ``dW`` breaks it. Every other
+    operation of a member is the single model's, bit for bit (the test above)."""
+    params, _ = random_ensemble(dtype)
+    images = batches["shared"][0].astype(dtype)
+    weights = params[0]["weight"]
+    dout = np.random.default_rng(0).normal(0.0, 1e-2, (M, B, weights.shape[2])).astype(dtype)
+    for blas_threads in (1, 2):
+        with threadpool_limits(blas_threads, user_api="blas"):
+            out, cache = ensemble_layers.linear_forward(images, weights)
+            _, dweight, _ = ensemble_layers.linear_backward(dout, cache, need_dx=False)
+            for k in range(M):
+                single_out, single_cache = single_layers.linear_forward(images, weights[k])
+                _, single_dweight, _ = single_layers.linear_backward(dout[k], single_cache, need_dx=False)
+                gap_out = np.abs(out[k].astype(np.float64) - single_out)
+                gap_dweight = np.abs(dweight[k].astype(np.float64) - single_dweight)
+                assert np.all(gap_out <= reordered_sum_bound(images, weights[k])), (k, blas_threads)
+                assert np.all(gap_dweight <= reordered_sum_bound(images.T, dout[k])), (k, blas_threads)
 
 
 def test_jax_default_is_the_single_models_batch_loss_under_a_member_vmap_bit_for_bit(batches):

@@ -40,7 +40,9 @@ def linear_forward(x, weight, bias=None) -> tuple[np.ndarray, LinearCache]:
 
     A shared input multiplies the members' weights side by side, one product
     ``x [W_1 \cdots W_M]`` of shape (B, M n_out): what ``vmap``'s batching rule makes of ``x @ W``
-    when only ``W`` has the member axis (it folds that axis into W's free dimension).
+    when only ``W`` has the member axis (it folds that axis into W's free dimension). Member ``m``'s
+    columns are the single model's dot products ``x W_m``; the BLAS picks its kernel by the
+    product's shape and may sum some columns in another order (a few units of roundoff).
     """
     if x.ndim == 2:
         n_members, n_in, n_out = weight.shape

@@ -10,11 +10,13 @@ each:
           [dW_0^{(1)} \cdots dW_0^{(M)}] = X^T [D_0^{(1)} \cdots D_0^{(M)}]
 
 (one product of ``(B, 784)`` by ``(784, M n)`` instead of ``M`` products by ``(784, n)``: the same
-sums, element by element). The hidden and output weights are ``(M, n, n)`` and ``(M, n, 10)``;
-their products are ``gemm`` calls on member ``m``'s column block (leading dimension ``W``). Batch
-norm's features are independent, so the single model's fused kernels run on a member's column
-range unchanged; only the running statistics' momentum is per member. Every operation is the one
-:mod:`numpyside.ensemble` performs (``backend="numba"``), in its order: bit-identical results
+dot products, element by element, though the BLAS may sum some of them in another order than in
+the narrower product; :mod:`numpyside.ensemble` makes the same wide product). The hidden and
+output weights are ``(M, n, n)`` and ``(M, n, 10)``; their products are ``gemm`` calls on member
+``m``'s column block (leading dimension ``W``). Batch norm's features are independent, so the
+single model's fused kernels run on a member's column range unchanged; only the running
+statistics' momentum is per member. Every operation is the one :mod:`numpyside.ensemble` performs
+(``backend="numba"``), in its order, each product of the same shape: bit-identical results
 (``tests/test_fast_ensemble.py``).
 """
 
