@@ -1,33 +1,22 @@
 r"""The "more vmap" transforms for ANY per-example model: a batch, ghost batches, an ensemble,
 per-example gradients, data parallelism over a mesh. Pytrees in, pytrees out; traceable, jit-able.
 
-A *per-example function* sees ONE example and reaches the other examples only through collectives
-on a named axis (``jax.lax.pmean(x, "batch")``; ``eqx.nn.BatchNorm(axis_name="batch")``;
-``flax.linen.BatchNorm(axis_name="batch")``)::
-
-    per_example_fn(params, state, *example, **hyper) -> (output, new_state)
-
-``params`` and ``state`` are any pytrees of arrays (``state`` may be ``None``); ``example`` is one
-row of each batch argument (an image, a label, ...); ``hyper`` are keyword hyper-parameters that are
-the same for every example (a batch-norm momentum, ...). Every transform returns a function of the
-same form at batch level, ``fn(params, state, *batch, **hyper)``:
-
-* :func:`batch_apply` / :func:`batch_loss`: ``jax.vmap`` over the examples, axis ``"batch"``
-  (optionally split into ghost batches, axis ``"ghost"``); :func:`with_grads` adds ``jax.grad``;
-* :func:`per_example_grads`: ``jax.vmap(jax.grad(...))``, one gradient per example;
-* :func:`ensemble` / :func:`ensemble_loss`: ``jax.vmap`` over ``M`` members, axis ``"member"``:
-  leading member axis on ``params``, ``state``, per-member hyper-parameters (and the batch, unless
-  shared); :func:`ensemble_probabilities` and :func:`ensemble_accuracy` read its predictions;
-* :func:`data_parallel`: ``jax.shard_map`` over a mesh axis the caller names, outputs averaged over
-  the devices by :func:`device_mean`.
+A *per-example function* sees ONE example and reaches the others only through collectives on a
+named axis (``jax.lax.pmean(x, "batch")``, ``eqx.nn.BatchNorm(axis_name="batch")``,
+``flax.linen.BatchNorm(axis_name="batch")``): ``f(params, state, *example, **hyper) -> (output,
+new_state)``, ``params`` and ``state`` any pytrees of arrays, ``hyper`` keyword hyper-parameters
+the same for every example. Every transform returns ``fn(params, state, *batch, **hyper)``:
+:func:`batch_apply` / :func:`batch_loss` (``vmap`` over ``"batch"``, ghost batches over
+``"ghost"``), :func:`with_grads`, :func:`per_example_grads`, :func:`ensemble` / :func:`ensemble_loss`
+(``vmap`` over ``"member"``; :func:`ensemble_probabilities`, :func:`ensemble_accuracy`) and
+:func:`data_parallel` (``shard_map`` over a mesh axis the caller names; :func:`device_mean`).
 
 Which examples batch norm's statistics cover is said by the axis names the USER's collectives
-name, not by the transform: ``"batch"`` alone gives each member, ghost batch or device its own
-statistics; ``("member", "batch")`` pools them over the members, ``("device", "batch")`` over the
-devices (synchronised batch norm). The running statistics leave the example ``vmap`` unbatched,
-since a collective made them the same for every example. Our MLP is these transforms applied to
-:func:`jaxside.model.forward_pass` (:mod:`jaxside.model`, :mod:`jaxside.ensemble`,
-:mod:`jaxside.parallel`); ``docs/bring_your_own_model.md`` applies them to Equinox and Flax models.
+name: ``"batch"`` alone gives each member, ghost batch or device its own statistics;
+``("member", "batch")`` pools them over the members, ``("device", "batch")`` over the devices
+(synchronised batch norm). Our MLP is these transforms applied to ``forward_pass``
+(:mod:`jaxside.model`, :mod:`jaxside.ensemble`, :mod:`jaxside.parallel`);
+``docs/bring_your_own_model.md`` applies them to Equinox and Flax models.
 """
 
 from __future__ import annotations
@@ -150,11 +139,14 @@ def _ghost_mean(states: PyTree) -> PyTree:
     return jtu.tree_map(lambda s: s.mean(axis=0) if jnp.issubdtype(s.dtype, jnp.inexact) else s[0], states)
 
 
+_ARRAYS = (jax.Array, np.ndarray, np.generic)
+
+
 def _split_arrays(tree: PyTree) -> tuple[list, Callable[[list], PyTree]]:
     """The array leaves of ``tree`` (what a ``vmap`` or ``shard_map`` may take as arguments), and how to
     put them back; other leaves (flags, strings, Python numbers) stay in ``tree``, closed over."""
     leaves, treedef = jtu.tree_flatten(tree)
-    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _ARRAYS)]
 
     def rebuild(arrays: list) -> PyTree:
         merged = list(leaves)
@@ -307,9 +299,12 @@ def _member_count(params: PyTree, state: PyTree) -> int:
 
 
 def _hyper_axes(hyper: dict, n_members: int) -> list:
-    """0 for a hyper-parameter array with one value per member (leading axis M), None for a scalar."""
+    """For each hyper-parameter array (in :func:`_split_arrays`' order): 0 if it holds one value per
+    member (leading axis M), None if it is a scalar shared by all."""
     axes = []
     for path, leaf in jtu.tree_flatten_with_path(hyper)[0]:
+        if not isinstance(leaf, _ARRAYS):
+            continue
         shape = np.shape(leaf)
         if shape and shape[0] != n_members:
             raise InputError(
@@ -343,7 +338,7 @@ def ensemble(batch_fn: Fn, *, axis_name: str = MEMBER_AXIS, shared_batch: bool =
                         "shared by every member use shared_batch=True"
                     )
         arrays, rebuild = _split_arrays(hyper)
-        in_axes = (0, 0, *[None if shared_batch else 0] * len(batch), _hyper_axes(rebuild(arrays), n_members))
+        in_axes = (0, 0, *[None if shared_batch else 0] * len(batch), _hyper_axes(hyper, n_members))
 
         def one_member(p, s, *args):
             *member_batch, member_arrays = args
