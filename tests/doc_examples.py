@@ -10,6 +10,9 @@ Conventions in the Markdown (``docs/batchnorm_backward.md`` says them for reader
   written as ``>>>`` sessions are checked as doctests;
 * a block that only illustrates (a fragment with names from elsewhere) is preceded by
   ``<!-- skip: next "fragment: why it cannot run" -->`` and reported as skipped, with that reason;
+* blocks that need an optional extra sit between ``<!-- skip: start if(condition, reason="why") -->``
+  and ``<!-- skip: end -->`` (Sybil's conditional skip, evaluated when the page runs): skipped with
+  that reason where the condition holds, run and checked like any other block where it does not;
 * other fences (``bash``, ``text``) are shell commands and captured output of commands: not Python.
 
 ``tests/test_docs.py`` checks that nothing escapes this by accident (a ``py`` fence, a skip without

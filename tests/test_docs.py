@@ -20,7 +20,11 @@ LAYERS = ROOT / "numpyside" / "layers.py"
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 PYTHON_LIKE = re.compile(r"^(py|python\d?|pycon|ipython\d?|python-.*|py3)$", re.IGNORECASE)
 SKIP = re.compile(r"<!--\s*skip:\s*(.*?)\s*-->")
-NAMED_SKIP = re.compile(r'^(next|start) "[^"]{8,}"$|^end$')
+#: A skip names its reason: ``next "why"``, ``start "why"`` (skipped always), or ``next if(condition,
+#: reason="why")`` / ``start if(...)`` (skipped where the condition holds: an optional extra not
+#: installed), closed by ``end``. Sybil's ``if(condition)`` without ``reason=`` would report only the
+#: condition, so it is refused.
+NAMED_SKIP = re.compile(r'^(next|start) "[^"]{8,}"$|^(next|start) if\(.+, reason="[^"]{8,}"\)$|^end$')
 
 
 def test_the_readme_test_command_collects_every_doc():
@@ -43,7 +47,26 @@ def test_python_blocks_run_or_are_skipped_by_name(document):
     wrong = [language for language, _ in FENCE.findall(text) if PYTHON_LIKE.match(language) and language != "python"]
     assert not wrong, f"{document.name}: fences {wrong} would not run; write ```python or mark them skipped by name"
     unnamed = [skip for skip in SKIP.findall(text) if not NAMED_SKIP.match(skip)]
-    assert not unnamed, f'{document.name}: skips without a reason {unnamed}; write <!-- skip: next "fragment: why" -->'
+    assert not unnamed, (
+        f'{document.name}: skips without a reason {unnamed}; write <!-- skip: next "fragment: why" --> '
+        'or <!-- skip: start if(condition, reason="why") -->'
+    )
+
+
+@pytest.mark.parametrize(
+    ("skip", "named"),
+    [
+        ('next "fragment: why it cannot run"', True),
+        ("start if(find_spec('flax') is None, reason=\"Flax is optional: pip install -e '.[flax]'\")", True),
+        ("end", True),
+        ("next", False),
+        ('next "short"', False),
+        ("start if(find_spec('flax') is None)", False),
+        ('start if(find_spec("flax") is None, reason="")', False),
+    ],
+)
+def test_a_skip_is_named_only_with_a_reason(skip, named):
+    assert bool(NAMED_SKIP.match(SKIP.findall(f"<!-- skip: {skip} -->")[0])) is named
 
 
 def marked_lines(document: Path) -> list[tuple[str, str]]:
