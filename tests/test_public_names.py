@@ -48,6 +48,17 @@ PUBLIC_NAMES = {
     "jaxside.parallel": ["make_mesh", "loss_and_grads", "per_device_results", "sharded_logits", "Trainer"],
     "numpyside.parallel": ["AllReduce", "loss_and_grads", "split_batch", "sync_batchnorm_forward"],
     "jaxside.devices": ["request_devices", "checked_devices", "jax_started"],
+    "jaxside.transforms": [
+        "batch_loss",
+        "batch_apply",
+        "with_grads",
+        "per_example_grads",
+        "ensemble",
+        "ensemble_loss",
+        "data_parallel",
+        "ensemble_probabilities",
+        "ensemble_accuracy",
+    ],
     "numpyside.layers": [
         "linear_forward",
         "linear_backward",
@@ -73,6 +84,8 @@ COMMANDS = [
     ["-m", "compare.jaxpr"],
     ["-m", "compare.variance"],
     ["-m", "compare.train_jax"],
+    ["-m", "compare.bn_paper"],
+    ["-m", "compare.mistakes"],
 ]
 
 
@@ -100,7 +113,14 @@ def test_the_same_objects_under_old_and_new_names():
 def test_console_entry_points_name_callables():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
-    assert set(scripts) == {"vmap-bn-compare", "vmap-bn-bench", "vmap-bn-train-jax", "vmap-bn-per-example"}
+    assert set(scripts) == {
+        "vmap-bn-compare",
+        "vmap-bn-bench",
+        "vmap-bn-train-jax",
+        "vmap-bn-per-example",
+        "vmap-bn-paper",
+        "vmap-bn-mistakes",
+    }
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), f"{name} -> {target}"
