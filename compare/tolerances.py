@@ -61,3 +61,28 @@ NUMBA_VS_NUMPY = {F32: 1e-5, F64: 2e-14}
 #: is an exact check, not a measurement with a margin: over 2.1 million arguments per dtype at most
 #: 1 ulp, 91 % exactly rounded (tests/test_fastexp.py).
 FASTEXP_MAX_ULP = {F32: 1, F64: 1}
+
+#: One batch-norm layer's backward ``dx``, the NumPy side's against ``jax.vjp`` of the per-example
+#: layer under ``vmap``, float64 (``python -m compare.mistakes`` runs it in float64 only; relative
+#: error): the same formula, rounded differently only in the order of the batch sums, measured
+#: ~1e-16 on MNIST batches of 128. Each classic mistaken backward is off by 1e-6 (eps left out) to
+#: O(1), far beyond, so the bound tells the right backward from every wrong one.
+BATCHNORM_DX = {F64: 1e-12}
+
+#: The batch-norm paper's experiment (``python -m compare.bn_paper``), JAX against NumPy in lockstep
+#: over a whole run of plain SGD (50,000 steps by default). Both sides compute the same formulas and
+#: differ only in the order of floating-point sums (XLA vs BLAS/numba), a few ulps per operation,
+#: which plain SGD carries along. ``percentiles`` and ``max_param_diff`` are normwise relative errors
+#: (over all evaluations / all parameters at the end); ``accuracy`` is the largest difference of the
+#: two sides' test accuracies at any evaluation. Measured over 50,000 steps (docs/bn_paper.md):
+#: float64 parameters 3.4e-15, percentiles 9.5e-15, accuracy 0; float32 parameters up to 6.8e-6,
+#: percentiles up to 8.3e-6, accuracy 0 (lr 0.01 and 0.1). The bounds sit 1e4x (float64) and 100x
+#: (float32) above; a test image within rounding distance of a decision boundary may flip in float32
+#: (0.2 % of the test set allowed). A wrong formula shows at step 0 already (:data:`STEP0`). Where the
+#: training dynamics are chaotic (without batch norm from saturated sigmoids, ``--init-std 5``)
+#: rounding differences grow exponentially, in float64 too, and the two trajectories part: the
+#: command then fails and says how the difference grew.
+BN_PAPER_LOCKSTEP = {
+    F32: {"accuracy": 0.002, "percentiles": 1e-3, "max_param_diff": 1e-3},
+    F64: {"accuracy": 0.0, "percentiles": 1e-10, "max_param_diff": 1e-10},
+}

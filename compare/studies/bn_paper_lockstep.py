@@ -20,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from compare import tolerances
 from compare.contract import N_HIDDEN_LAYERS, training
 from compare.metrics import max_abs_err, max_rel_err
 
@@ -35,23 +36,9 @@ UNIT = 0
 PERCENTILES = (15, 50, 85)
 THRESHOLDS = (0.90, 0.95)
 
-#: How closely the two sides must agree, per dtype. Both sides compute the same formulas and differ
-#: only in the order of floating-point sums (XLA vs BLAS/numba), a few ulps per operation; plain SGD
-#: carries these differences along. ``percentiles`` and ``max_param_diff`` are normwise relative
-#: errors (:func:`compare.metrics.max_rel_err`, over all evaluations / all parameters at the end);
-#: ``accuracy`` is the largest difference of the two sides' test accuracies at any evaluation. Measured
-#: over 50,000 steps (docs/bn_paper.md): float64 parameters 3.4e-15, percentiles 9.5e-15, accuracy 0;
-#: float32 parameters up to 6.8e-6, percentiles up to 8.3e-6, accuracy 0 (lr 0.01 and 0.1). The
-#: tolerances sit 1e4x (float64) and 100x (float32) above; a test image within rounding distance of
-#: a decision boundary may flip in float32 (0.2 % of the test set allowed). A wrong formula shows at
-#: step 0 already (:func:`step0_check`, ``compare.step0.TOLERANCE``). Where the training dynamics
-#: are chaotic (without batch norm from saturated sigmoids, ``--init-std 5``) rounding differences
-#: grow exponentially, in float64 too, and the two trajectories part: the command then fails, and
-#: :func:`divergence_notes` says how the difference grew.
-TOLERANCES = {
-    "float32": {"accuracy": 0.002, "percentiles": 1e-3, "max_param_diff": 1e-3},
-    "float64": {"accuracy": 0.0, "percentiles": 1e-10, "max_param_diff": 1e-10},
-}
+#: How closely the two sides must agree, keyed by the ``--dtype`` name (as ``bn_paper.json`` writes
+#: them): :data:`compare.tolerances.BN_PAPER_LOCKSTEP`, where the values and their reason are.
+TOLERANCES = {dtype.name: bounds for dtype, bounds in tolerances.BN_PAPER_LOCKSTEP.items()}
 #: The reason, one line per dtype, printed under the agreement table and written to the JSON.
 TOLERANCE_REASON = {
     dtype: f"Same formulas, sums in another order: {dtype} rounding ({eps} per operation) that SGD carries "

@@ -33,8 +33,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compare import training
-from compare.init import init_params, init_state
+from compare import tolerances
+from compare.contract import training
+from compare.contract.init import init_params, init_state
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_rel_err
 from compare.mnist import load_mnist
 from jaxside.layers import BATCH_AXIS, batchnorm_train
@@ -45,10 +46,9 @@ from numpyside.train import Trainer
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-#: The correct backward against JAX, float64, one layer: both compute the same formula and round
-#: differently only in the order of the batch sums; measured ~1e-16 on MNIST batches of 128. A
-#: mistake is off by 1e-6 (eps left out) to O(1), far beyond.
-DX_TOLERANCE = 1e-12
+#: The correct backward against JAX, float64, one layer: :data:`compare.tolerances.BATCHNORM_DX`
+#: (the value and its reason are there).
+DX_TOLERANCE = tolerances.BATCHNORM_DX[np.dtype(np.float64)]
 #: ``--quick``: training and test images, and evaluations per run (a test's seconds).
 QUICK_TRAIN, QUICK_TEST = 1024, 500
 #: Test-accuracy evaluations per epoch (the points of the curves).
