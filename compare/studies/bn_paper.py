@@ -6,8 +6,8 @@ r"""Why batch norm at all: the MNIST experiment of Ioffe & Szegedy (2015, §4.1,
 Four models: {JAX side, NumPy side} x {with, without batch norm}, the project's network
 784 -> 100 -> 100 -> 100 -> 10 with sigmoid hidden units. Hidden layer with batch norm
 ``z = g(BN(W u))`` (no bias: ``beta`` takes its role), without ``z = g(W u + b)``. All four start
-from the same weights ``N(0, init_std^2)`` (:func:`compare.init.init_params`), biases 0, and train
-on the same batches (:func:`compare.training.epoch_batches`, epoch after epoch) with plain SGD
+from the same weights ``N(0, init_std^2)`` (:func:`compare.contract.init.init_params`), biases 0, and train
+on the same batches (:func:`compare.contract.training.epoch_batches`, epoch after epoch) with plain SGD
 ``p <- p - lr * grad`` at a constant rate: the sides' own trainers with momentum 0
 (``v <- 0 * v + g`` is ``g`` exactly). The JAX side runs the steps between two evaluations as one
 jitted ``lax.scan`` (:class:`jaxside.train.Trainer`), the NumPy side with
