@@ -46,9 +46,10 @@ THRESHOLDS = (0.90, 0.95)
 #: tolerances sit 1e4x (float64) and 100x (float32) above; a test image within rounding distance of
 #: a decision boundary may flip in float32 (0.2 % of the test set allowed). A wrong formula shows at
 #: step 0 already (:func:`step0_check`, ``compare.step0.TOLERANCE``). Where the training dynamics
-#: are chaotic (without batch norm from saturated sigmoids, ``--init-std 5``) rounding differences
-#: grow exponentially, in float64 too, and the two trajectories part: the command then fails, and
-#: :func:`divergence_notes` says how the difference grew.
+#: amplify rounding differences, in float64 too (without batch norm from saturated sigmoids,
+#: ``--init-std 5``: tenfold every 40 to 100 steps; at ``--lr 1.0``: some 1e6 to 1e7 over 50,000
+#: steps), the two trajectories part: the command then fails, and :func:`divergence_notes` says how
+#: the difference grew.
 TOLERANCES = {
     "float32": {"accuracy": 0.002, "percentiles": 1e-3, "max_param_diff": 1e-3},
     "float64": {"accuracy": 0.0, "percentiles": 1e-10, "max_param_diff": 1e-10},
