@@ -79,9 +79,10 @@ BATCHNORM_DX = {F64: 1e-12}
 #: percentiles up to 8.3e-6, accuracy 0 (lr 0.01 and 0.1). The bounds sit 1e4x (float64) and 100x
 #: (float32) above; a test image within rounding distance of a decision boundary may flip in float32
 #: (0.2 % of the test set allowed). A wrong formula shows at step 0 already (:data:`STEP0`). Where the
-#: training dynamics are chaotic (without batch norm from saturated sigmoids, ``--init-std 5``)
-#: rounding differences grow exponentially, in float64 too, and the two trajectories part: the
-#: command then fails and says how the difference grew.
+#: training dynamics amplify rounding differences, in float64 too (without batch norm from saturated
+#: sigmoids, ``--init-std 5``: tenfold every 40 to 100 steps; at ``--lr 1.0``: some 1e6 to 2e7 over
+#: 50,000 steps), the two trajectories part: the command then fails, and
+#: ``compare.studies.bn_paper_lockstep.divergence_notes`` says how the difference grew.
 BN_PAPER_LOCKSTEP = {
     F32: {"accuracy": 0.002, "percentiles": 1e-3, "max_param_diff": 1e-3},
     F64: {"accuracy": 0.0, "percentiles": 1e-10, "max_param_diff": 1e-10},

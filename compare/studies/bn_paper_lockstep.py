@@ -6,7 +6,7 @@ each: one jitted ``lax.scan`` on the JAX side, one numba call on the NumPy side)
 segment, both are evaluated on the test images in eval mode (one forward pass per side, through
 ``eval_logits_and_pre_activations``), and the largest parameter difference between them is
 recorded, so that a report shows when and how fast the two trajectories separate. Before training,
-the first batch goes through both sides once (:func:`compare.step0.step0_rows`): logits, loss,
+the first batch goes through both sides' ``loss_and_grads`` once (:func:`step0_check`): the loss,
 every gradient and the running statistics, to tell a difference in the formulas (step 0) from
 rounding differences that the training dynamics amplify (the trajectory).
 """
@@ -142,20 +142,25 @@ def record_evaluation(record: dict, step: int, sides: dict, test_y: np.ndarray) 
 
 
 def step0_check(params, state, images, labels) -> dict:
-    """The first batch through both sides' models once (:func:`compare.step0.step0_rows`): the worst
-    relative error over logits, loss, every gradient and running statistic, its tolerance, and the
-    quantity where it occurs."""
-    from compare.sides import jax_side, numpy_side
-    from compare.step0 import step0_rows
+    """The first batch through both sides' ``loss_and_grads`` once, from the same parameters: the
+    worst relative error (:func:`compare.metrics.max_rel_err`) over the loss, every gradient and the
+    new running statistics, where it occurs, and its tolerance (:data:`compare.tolerances.STEP0`, the
+    main comparison's step 0, which also compares the logits)."""
+    from jaxside import model as jax_model
+    from numpyside import model as numpy_model
 
-    rows = step0_rows(jax_side(), numpy_side(), params, state, images, labels)
-    worst = max(rows, key=lambda row: row.max_rel_err)
-    return {
-        "max_rel_err": worst.max_rel_err,
-        "quantity": worst.quantity,
-        "tolerance": worst.tol,
-        "ok": all(row.ok for row in rows),
-    }
+    def quantities(loss, grads, new_state) -> dict:
+        named = {"loss": loss}
+        named.update({f"grad layer {i} {key}": v for i, layer in enumerate(grads) for key, v in layer.items()})
+        named.update({f"running {key} {i}": v for i, layer in enumerate(new_state) for key, v in layer.items()})
+        return named
+
+    jax_values = quantities(*jax_model.loss_and_grads(params, state, images, labels))
+    numpy_values = quantities(*numpy_model.loss_and_grads(params, state, images, labels))
+    errors = {name: max_rel_err(numpy_values[name], jax_values[name]) for name in jax_values}
+    worst = max(errors, key=errors.get)
+    tolerance = tolerances.STEP0[np.dtype(params[0]["weight"].dtype)]
+    return {"max_rel_err": errors[worst], "quantity": worst, "tolerance": tolerance, "ok": errors[worst] <= tolerance}
 
 
 def _progress(console: Console) -> Progress:

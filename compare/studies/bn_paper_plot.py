@@ -66,8 +66,11 @@ def _legend_handles(report: dict) -> list:
         line([], [], color="0.1", **NUMPY_LINE, label="NumPy side (batched, handwritten backward)"),
     ]
     for name in ("no_batch_norm", "batch_norm"):
-        final = report[name]["final_test_accuracy"]["numpy"]
-        label = f"(a) {NETWORK_LABELS[name]}: final {100 * final:.2f} %"
+        final = report[name]["final_test_accuracy"]
+        text = f"{100 * final['jax']:.2f} %"
+        if final["jax"] != final["numpy"]:
+            text = f"{100 * final['jax']:.2f} % (JAX) / {100 * final['numpy']:.2f} % (NumPy)"
+        label = f"(a) {NETWORK_LABELS[name]}: final {text}"
         handles.append(line([], [], color=NETWORK_COLORS[name], linewidth=3, label=label))
     unit = report["protocol"]["unit"]
     for percentile, color in zip(report["protocol"]["percentiles"], PERCENTILE_COLORS):
