@@ -16,8 +16,9 @@ jitted ``lax.scan`` (:class:`jaxside.train.Trainer`), the NumPy side with
 Every ``--eval-every`` steps, in eval mode (running statistics), over the test images: the test
 accuracy, and the 15th/50th/85th percentiles of the input to one sigmoid of the last hidden layer
 (``UNIT``), ``gamma * x_hat + beta`` with batch norm, ``W u + b`` without; the same percentiles
-over all units of that layer pooled are the second view. The lockstep itself, the evaluation and
-the tolerances: :mod:`compare.studies.bn_paper_lockstep`. Output: ``bn_paper.png`` (the paper's
+over all units of that layer pooled are the second view. The lockstep itself and the evaluation:
+:mod:`compare.studies.bn_paper_lockstep`; the tolerances, with their reason:
+:data:`compare.tolerances.BN_PAPER_LOCKSTEP`. Output: ``bn_paper.png`` (the paper's
 Figure 1 layout, :mod:`compare.studies.bn_paper_plot`), ``bn_paper.json``, two tables; exit
 status 0, 1 if the sides disagree beyond the tolerances, 2 for bad arguments. Results and
 discussion: ``docs/bn_paper.md``.
