@@ -42,7 +42,7 @@ from numpyside.kernels import blas, fused, jit
 #: The key of the limit (the fastest engine of each round) among the timed callables.
 LIMIT_KEY = ("limit", "fastest")
 LIMIT_LABEL = "limit: the fastest engine in each repeat"
-LIMIT_STYLE = dict(color="black", linestyle="--", marker="", linewidth=2.4)
+LIMIT_STYLE = dict(color="black", linestyle="--", marker="*", markersize=9, linewidth=2.4)
 #: The side of the machine's peak product: n x n times n x n (2 n^3 FLOPs; 17 GFLOP at n = 2048).
 PEAK_SIZE = 2048
 PEAK_REPEATS = 3
@@ -259,25 +259,25 @@ def _numba_blas_missing() -> str:
 ENGINES = (
     Engine(
         "numpy-blas",
-        "NumPy's BLAS, np.matmul per product",
+        "NumPy's BLAS via np.matmul",
         per_step(blas_products),
         numpy_square,
-        dict(color="#555555", linestyle=":", marker="", linewidth=1.2),
+        dict(color="#555555", linestyle=":", marker=".", linewidth=1.2),
     ),
     Engine(
         "numba-blas",
         "NumPy's BLAS called from numba",
         numba_blas_runner,
         None,  # the same library as numpy-blas: the same peak
-        dict(color="#8c564b", linestyle=":", marker="", linewidth=1.2),
+        dict(color="#8c564b", linestyle=":", marker=".", linewidth=1.2),
         _numba_blas_missing,
     ),
     Engine(
         "xla-dot",
-        "XLA's dot (jitted lax.scan)",
+        "XLA's dot in a jitted lax.scan",
         xla_products,
         xla_square,
-        dict(color="#1f77b4", linestyle=":", marker="", linewidth=1.2),
+        dict(color="#1f77b4", linestyle=":", marker=".", linewidth=1.2),
     ),
 )
 

@@ -221,6 +221,7 @@ def plot(rows: list[dict], path: Path, labels: dict, styles: dict) -> None:
                     )  # fmt: skip
             title = f"training step, {dtype}, {threads} thread{'s' if threads > 1 else ''}"
             ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples / s", title=title)
+            ax.margins(x=0.08, y=0.12)  # room for the engines' names above the limit
             sizes = sorted({r["batch_size"] for r in here})
             ax.set_xticks(sizes, [str(b) for b in sizes])
             ax.grid(alpha=0.3, which="both")
