@@ -324,7 +324,7 @@ def measure_peak(dtype: str, n: int = PEAK_SIZE, repeats: int = PEAK_REPEATS) ->
     """The machine's peak for ``dtype`` in this process: the FLOP/s of one ``n x n`` product, the
     fastest round of the fastest engine (engines timed round-robin by the bench's one loop)."""
     runs = {engine.key: engine.square(n, dtype) for engine in available_engines() if engine.square is not None}
-    timings = measure_interleaved(runs, steps=1, repeats=repeats)
+    timings = measure_interleaved(runs, steps=1, repeats=repeats, settle=0)  # long calls: no settling
     flops = 2 * n**3
     engines = {key[1]: flops / timing.best_seconds_per_step for key, timing in timings.items()}
     best = max(engines, key=engines.get)
