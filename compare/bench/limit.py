@@ -17,8 +17,9 @@ The 11 products, as :mod:`numpyside.layers` and :mod:`numpyside.fast` write them
 :math:`2B\,(3 \sum_l n_l n_{l+1} - 784 \cdot 100)` floating-point operations (:func:`step_flops`).
 
 **The peak** is the FLOP/s of one large square product (:data:`PEAK_SIZE`), the best of every
-engine that can do one (:func:`measure_peak`): what the cores do on a product that suits them,
-against which the 11 small products, and each row, are put in context.
+engine that can do one (:func:`measure_peak`; the bench measures it before and after a dtype's rows
+and keeps the best, :func:`best_peak`): what the cores do on a product that suits them, against
+which the 11 small products, and each row, are put in context.
 
 To add an engine: one :class:`Engine` entry in :data:`ENGINES` whose ``make(batch_size, dtype,
 steps, images)`` returns a callable doing ``steps`` steps' 11 products (:func:`per_step` turns a
@@ -329,3 +330,14 @@ def measure_peak(dtype: str, n: int = PEAK_SIZE, repeats: int = PEAK_REPEATS) ->
     engines = {key[1]: flops / timing.best_seconds_per_step for key, timing in timings.items()}
     best = max(engines, key=engines.get)
     return {"dtype": dtype, "n": n, "flops_per_s": engines[best], "engine": best, "engines": engines}
+
+
+def best_peak(*measurements: dict) -> dict:
+    """Several :func:`measure_peak` of one dtype as one: each engine's best, and the best engine. On a
+    machine whose speed drifts, a peak taken before and after the rows is less often below them."""
+    engines = {}
+    for measurement in measurements:
+        for name, flops in measurement["engines"].items():
+            engines[name] = max(engines.get(name, 0.0), flops)
+    best = max(engines, key=engines.get)
+    return {**measurements[0], "flops_per_s": engines[best], "engine": best, "engines": engines}

@@ -25,12 +25,11 @@ REPEATS = {"full": 5, "quick": 3, "loaded": 3}
 def row(impl, mode, dtype, batch_size, timing: Timing, limit: dict, settings: dict, **extra) -> dict:
     """One bench.json row. ``limit``: :func:`compare.bench.limit.limit_fields` of the same rounds
     (``limit_samples_per_s``, ``limit_engine`` ...); ``settings``: :func:`thread_settings` of the
-    worker (``threads``, ``blas_kernel`` ...) and the machine's peak for the dtype
-    (``peak_flops_per_s``); ``under_load``: timed while :func:`competing_load` ran. ``flops_per_s``
-    counts the step's 11 products only (:func:`compare.bench.limit.step_flops`)."""
+    worker (``threads``, ``blas_kernel`` ...); ``under_load``: timed while :func:`competing_load`
+    ran. ``flops_per_s`` counts the step's 11 products only (:func:`compare.bench.limit.step_flops`);
+    the machine's peak is added by :func:`with_peak`."""
     samples_per_s = batch_size / timing.seconds_per_step
     flops_per_s = step_flops(batch_size) / timing.seconds_per_step
-    peak = settings.get("peak_flops_per_s")
     return {
         "impl": impl,
         "dtype": dtype,
@@ -48,10 +47,21 @@ def row(impl, mode, dtype, batch_size, timing: Timing, limit: dict, settings: di
         "under_load": False,
         **limit,
         "flops_per_s": flops_per_s,
-        "fraction_of_peak": flops_per_s / peak if peak else None,
+        "peak_flops_per_s": None,
+        "peak_engine": None,
+        "fraction_of_peak": None,
         **settings,
         **extra,
     }
+
+
+def with_peak(rows: list[dict], peak: dict) -> list[dict]:
+    """``rows`` (of one dtype and thread count) with the machine's peak (:func:`compare.bench.limit.measure_peak`):
+    ``peak_flops_per_s``, ``peak_engine`` and each row's ``fraction_of_peak``."""
+    for r in rows:
+        r.update(peak_flops_per_s=peak["flops_per_s"], peak_engine=peak["engine"])
+        r["fraction_of_peak"] = r["flops_per_s"] / peak["flops_per_s"]
+    return rows
 
 
 def _log_name(threads: int) -> str:

@@ -17,9 +17,9 @@ import numpy as np
 import threadpoolctl
 
 from compare.bench.ensemble import ENSEMBLE_DTYPE, bench_ensemble
-from compare.bench.limit import ENGINES, measure_peak
+from compare.bench.limit import ENGINES, best_peak, measure_peak
 from compare.bench.registry import default_registry
-from compare.bench.rows import bench_batch_size, bench_epoch
+from compare.bench.rows import bench_batch_size, bench_epoch, with_peak
 from compare.bench.runners import Setup
 from compare.contract import training
 from compare.contract.init import init_params, init_state
@@ -114,24 +114,26 @@ def worker(args) -> int:
     train_x, train_y, _, _ = load_mnist()
     rows, peaks = [], []
     for dtype in args.dtypes:
-        peak = {**measure_peak(dtype), "threads": threads}
-        peaks.append(peak)
-        log(
-            f"{dtype} {threads} thread(s): peak {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s ({peak['engine']}, "
-            f"one {peak['n']} x {peak['n']} product)"
-        )
-        settings = {**settings, "peak_flops_per_s": peak["flops_per_s"], "peak_engine": peak["engine"]}
+        before = measure_peak(dtype)
         params, state = init_params(args.seed, dtype), init_state(dtype)
         setup = Setup(dtype, train_x.astype(dtype), train_y, params, state)
         rng = training.batch_rng(args.seed)
+        dtype_rows = []
         for batch_size in args.batch_sizes:
-            rows += bench_batch_size(
+            dtype_rows += bench_batch_size(
                 registry, setup, batch_size, size, impls, rng, log, settings, under_load=args.under_load
             )
         if not args.no_epoch:
-            rows += bench_epoch(registry, setup, impls, rng, 1 if args.quick else 3, log, settings)
+            dtype_rows += bench_epoch(registry, setup, impls, rng, 1 if args.quick else 3, log, settings)
         if args.ensemble and dtype == ENSEMBLE_DTYPE:
-            rows += bench_ensemble(setup, args.ensemble, size, log, settings)
+            dtype_rows += bench_ensemble(setup, args.ensemble, size, log, settings)
+        peak = {**best_peak(before, measure_peak(dtype)), "threads": threads}
+        log(
+            f"{dtype} {threads} thread(s): peak {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s ({peak['engine']}, "
+            f"one {peak['n']} x {peak['n']} product, before and after the rows)"
+        )
+        rows += with_peak(dtype_rows, peak)
+        peaks.append(peak)
     Path(args.worker_out).write_text(json.dumps({"rows": rows, "notes": notes, "peaks": peaks}))
     return 0
 
