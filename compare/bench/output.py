@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 from rich.table import Table
 
 from compare.bench.ensemble import is_ensemble_row
@@ -224,6 +225,7 @@ def plot(rows: list[dict], path: Path, labels: dict, styles: dict) -> None:
             ax.margins(x=0.08, y=0.12)  # room for the engines' names above the limit
             sizes = sorted({r["batch_size"] for r in here})
             ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the batch sizes only, also over a short range
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     fig.tight_layout()
