@@ -11,7 +11,7 @@ import pytest
 
 from compare import bench
 from compare.bench import ensemble as ensemble_rows
-from compare.bench import registry, sharded
+from compare.bench import limit, registry, sharded
 from compare.parallel import scaling
 
 
@@ -32,6 +32,7 @@ def test_ensemble_rows_land_in_bench_json_next_to_the_usual_rows(tmp_path):
         assert (r["dtype"], r["batch_size"]) == (ensemble_rows.ENSEMBLE_DTYPE, ensemble_rows.ENSEMBLE_BATCH_SIZE)
         assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
         assert math.isfinite(r["limit_samples_per_s"]) and r["limit_samples_per_s"] > 0
+        assert r["limit_engine"] in r["limit_engines"] and r["flops_per_s"] > 0  # per member-step, as samples/s
         assert r["speedup_vs_single"] == pytest.approx(r["samples_per_s"] / single[r["impl"]]["samples_per_s"])
 
 
@@ -55,7 +56,8 @@ def test_scaling_rows_become_bench_json_rows():
     for r, source in zip(rows, raw):
         assert (r["impl"], r["mode"], r["dtype"], r["batch_size"]) == ("jax", "sharded", "float32", 128)
         assert r["under_load"] is False and r["threads"] is None and r["scaling"] == source
-        assert {"blas_kernel", "limit_samples_per_s"} <= set(r)
+        assert {"blas_kernel", "limit_samples_per_s", "limit_engine"} <= set(r) and r["limit_engine"] is None
+        assert r["flops_per_s"] == pytest.approx(r["samples_per_s"] / 128 * limit.step_flops(128))
     json.dumps(rows)  # bench.json can hold them
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 
 from compare.bench import sharded
 from compare.bench.ensemble import ENSEMBLE_BATCH_SIZE, ENSEMBLE_DTYPE
-from compare.bench.output import plot, tables, verdicts
+from compare.bench.limit import ENGINES
+from compare.bench.output import peak_table, plot, tables, verdicts
 from compare.bench.registry import IMPLS, default_registry
 from compare.bench.rows import BATCH_SIZES, DTYPES, LOADED_BATCH_SIZE, THREADS
 from compare.bench.timing import BUSY_THRESHOLD
@@ -20,12 +23,16 @@ from compare.contract import training
 from compare.parallel.scaling import scaling_table
 from compare.report import machine
 
-#: The command that runs the bench on this CPU's own OpenBLAS kernels where the environment pins them.
 DESCRIPTION = (
     "Throughput of one training step (gather, forward, backward, SGD) of every implementation, next to "
-    "\"the limit\": the step's 11 matrix products done by NumPy's BLAS alone on the same shapes."
+    '"the limit": the step\'s 11 matrix products alone on the same shapes, done by the fastest of several '
+    "engines (NumPy's BLAS from Python and from numba, XLA's dot) in each repeat; and each row's FLOP/s against "
+    "the machine's peak (one large square product)."
 )
+#: The command that runs the bench on this CPU's own OpenBLAS kernels where the environment pins them.
 NATIVE_KERNEL_COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE vmap-bn-bench"
+#: The environment variables that set the libraries' kernels and threads (printed, and kept in bench_run.json).
+LIBRARY_VARIABLES = ("OPENBLAS_", "OMP_", "MKL_", "XLA_", "NUMBA_", "VMAP_BN_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +106,39 @@ def coretype_note() -> str:
     )
 
 
-def print_results(console: Console, timed: list[dict], scaling: list[dict] | None, notes: list[str]) -> None:
+def simd_flags() -> list[str]:
+    """The CPU's vector-instruction flags (``lscpu``'s, from ``/proc/cpuinfo``; [] elsewhere): which
+    kernels a BLAS can run here (AVX2 and FMA, AVX-512 ...)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return sorted(flag for flag in flags if flag.startswith(("sse", "ssse", "avx", "fma", "amx", "f16c")))
+
+
+def run_metadata(argv, started: float, peaks: list[dict], notes: list[str]) -> dict:
+    """``bench_run.json``: what ran where: the command, the machine (CPU model and vector flags), the
+    libraries' environment, the limit's engines, the machine's peak per dtype and thread count."""
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return {
+        "command": ["vmap-bn-bench", *(sys.argv[1:] if argv is None else argv)],
+        "started_utc": time.strftime(stamp, time.gmtime(started)),
+        "finished_utc": time.strftime(stamp, time.gmtime()),
+        "machine": {**machine(), "cpu_flags": simd_flags()},
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(LIBRARY_VARIABLES)},
+        "limit_engines": [{"name": engine.name, "label": engine.label} for engine in ENGINES],
+        "peaks": peaks,
+        "notes": notes,
+    }
+
+
+def print_results(
+    console: Console, timed: list[dict], scaling: list[dict] | None, notes: list[str], peaks: list[dict] = ()
+) -> None:
     """The tables, the scaling table, the verdicts and the notes of a run."""
+    if peaks:
+        console.print(peak_table(peaks))
     for table in tables(timed, default_registry().labels()):
         console.print(table)
     if scaling is not None:
@@ -127,26 +165,30 @@ def main(argv=None) -> int:
         return worker(args)
     console = Console(width=None if Console().is_terminal else 120)
     console.rule("[bold]vmap-batchnorm benchmark: one training step, samples/s")
-    env = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "XLA_", "NUMBA_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith(LIBRARY_VARIABLES)}
     console.print(f"  {machine()['cpu']}, {os.cpu_count()} cores; " + ", ".join(f"{k}={v}" for k, v in env.items()))
     note = coretype_note()
     if note:
         console.print(f"  [yellow]note[/]: {note}")
-    rows, notes = [], []
+    started = time.time()
+    rows, notes, peaks = [], [], []
     for count in args.threads:
-        worker_rows, worker_notes = run_worker(args, count, console)
-        rows += worker_rows
-        notes += [n for n in worker_notes if n not in notes]
+        result = run_worker(args, count, console)
+        rows += result["rows"]
+        peaks += result["peaks"]
+        notes += [n for n in result["notes"] if n not in notes]
     scaling = sharded.bench_scaling(args.quick, ENSEMBLE_DTYPE) if args.scaling else None
     rows += sharded.scaling_bench_rows(scaling, ENSEMBLE_DTYPE) if scaling is not None else []
     timed = [r for r in rows if r["mode"] != "sharded"]  # held to cores and timed with the limit
-    print_results(console, timed, scaling, notes)
+    print_results(console, timed, scaling, notes, peaks)
     if note:
         console.print(f"[yellow]note[/]: {note}")
     args.out.mkdir(parents=True, exist_ok=True)
     # bench.json: the implementations' rows (the limit is in every row's limit_samples_per_s)
     (args.out / "bench.json").write_text(json.dumps([r for r in rows if r["impl"] in IMPLS], indent=1) + "\n")
+    meta = run_metadata(argv, started, peaks, notes)
+    (args.out / "bench_run.json").write_text(json.dumps(meta, indent=1) + "\n")
     registry = default_registry()
     plot(timed, args.out / "bench.png", registry.labels(), registry.styles())
-    console.print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench_run.json'} and {args.out / 'bench.png'}")
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from compare.bench.limit import LIMIT_KEY, blas_runner
+from compare.bench.limit import LIMIT_KEY, engine_runs, is_engine_key, limit_fields
 from compare.bench.rows import REPEATS, SAMPLES_PER_REPEAT, row
 from compare.bench.runners import BENCH_LR, Setup
 from compare.bench.timing import ROUNDS_BUDGET, measure_interleaved
@@ -115,23 +115,27 @@ def is_ensemble_row(r: dict) -> bool:
 
 def bench_ensemble(setup: Setup, members: int, size: str, log, settings) -> list[dict]:
     r"""The ensemble rows at batch :data:`ENSEMBLE_BATCH_SIZE`, timed round-robin with the limit's
-    products for ``members`` times as many steps. A row's ``samples_per_s`` is member-samples/s
+    engines for ``members`` times as many steps. A row's ``samples_per_s`` is member-samples/s
     (``members x steps x batch`` over an epoch's seconds); ``speedup_vs_single`` is that over the same
     side's ``single x members`` row."""
     batch_size, threads = ENSEMBLE_BATCH_SIZE, settings["threads"]
     steps = max(3, round(SAMPLES_PER_REPEAT[size] / batch_size))
     epochs = _Epochs(setup, members, batch_size, steps)
-    runs = {LIMIT_KEY: blas_runner(batch_size, setup.dtype, members * steps)}
+    runs = engine_runs(batch_size, setup.dtype, members * steps, setup.images)
+    engines = list(runs)
     for name, run in {**jax_rows(epochs), **numpy_rows(epochs)}.items():
         if "2 threads" in name and threads < 2:
             continue  # a split over two threads held to one core is not that row
         runs[ensemble_key(name)] = run
     # per "step" = one member's step: the rows' samples/s are member-samples/s
-    timings = measure_interleaved(runs, members * steps, REPEATS[size], limit_key=LIMIT_KEY, budget=ROUNDS_BUDGET)
-    limit = batch_size / timings.pop(LIMIT_KEY).seconds_per_step
+    timings = measure_interleaved(
+        runs, members * steps, REPEATS[size], limit_keys=engines, limit_name=LIMIT_KEY, budget=ROUNDS_BUDGET
+    )
+    limit = limit_fields(timings, batch_size)
     rows = [
         row(impl, mode, setup.dtype, batch_size, timing, limit, settings, members=members)
         for (impl, mode), timing in timings.items()
+        if not is_engine_key((impl, mode))
     ]
     single = {r["impl"]: r["samples_per_s"] for r in rows if r["mode"].startswith("single")}
     for r in rows:

@@ -1,4 +1,5 @@
-"""The bench's output: its tables, one verdict line per dtype and thread count, and ``bench.png``."""
+"""The bench's output: its tables (the machine's peak among them), one verdict line per dtype and thread
+count, and ``bench.png``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 from rich.table import Table
 
 from compare.bench.ensemble import is_ensemble_row
 from compare.bench.limit import LIMIT_KEY
 from compare.bench.rows import EPOCH_BATCH_SIZE, LOADED_BATCH_SIZE
 from compare.bench.timing import BUSY_THRESHOLD
+
+#: The plot's default line (a row's style overrides it).
+LINE = dict(linewidth=1.8, markersize=6)
 
 
 def _label(labels: dict, key: tuple[str, str]) -> str:
@@ -32,27 +37,57 @@ def _table(title: str, names, left=("implementation",)) -> Table:
     return table
 
 
+def _of_peak(r: dict) -> str:
+    return f" ({r['fraction_of_peak']:.0%} of peak)" if r.get("fraction_of_peak") else ""
+
+
 def step_table(step_rows: list[dict], labels: dict, dtype: str, threads: int) -> Table:
-    """Samples/s of a training step per implementation and batch size, with each one's share of the limit."""
+    """Samples/s of a training step per implementation and batch size, with each one's share of the
+    limit; the limit's cells name the engine that set it, and a row under it gives its GFLOP/s."""
     sizes = sorted({r["batch_size"] for r in step_rows})
+    peak = next((r["peak_flops_per_s"] for r in step_rows if r.get("peak_flops_per_s")), None)
+    peak_text = f"; peak {peak / 1e9:,.0f} GFLOP/s" if peak else ""
     table = Table(
         title=f"{dtype}, {threads} thread{'s' if threads > 1 else ''}: samples/s of a training step "
-        "(share of the BLAS limit; * = other processes busy)"
+        f"(share of the limit, the fastest engine in each repeat{peak_text}; * = other processes busy)"
     )
     table.add_column("implementation", no_wrap=True)
     for b in sizes:
         table.add_column(f"B={b}", justify="right")
+
+    def cell(key, b, text):
+        match = [r for r in step_rows if (r["impl"], r["mode"]) == key and r["batch_size"] == b]
+        return text(match[0]) if match else ""
+
     for key in dict.fromkeys((r["impl"], r["mode"]) for r in step_rows):
-        cells = []
-        for b in sizes:
-            match = [r for r in step_rows if (r["impl"], r["mode"]) == key and r["batch_size"] == b]
-            if not match:
-                cells.append("")
-                continue
-            r = match[0]
-            extra = f" {r['limit_gflops']:.0f} GF/s" if key == LIMIT_KEY else f" ({r['fraction_of_limit']:.0%})"
-            cells.append(f"{r['samples_per_s'] / 1e3:,.0f}k{extra}{_busy(r)}")
-        table.add_row(_label(labels, key), *cells)
+        if key == LIMIT_KEY:
+            engine_cells = (
+                cell(key, b, lambda r: f"{r['samples_per_s'] / 1e3:,.0f}k {r['limit_engine']}{_busy(r)}") for b in sizes
+            )
+            table.add_row(_label(labels, key), *engine_cells)
+            table.add_row(
+                "  the limit's GFLOP/s",
+                *(cell(key, b, lambda r: f"{r['limit_gflops']:,.0f}{_of_peak(r)}") for b in sizes),
+            )
+            continue
+        table.add_row(
+            _label(labels, key),
+            *(
+                cell(key, b, lambda r: f"{r['samples_per_s'] / 1e3:,.0f}k ({r['fraction_of_limit']:.0%}){_busy(r)}")
+                for b in sizes
+            ),
+        )
+    return table
+
+
+def peak_table(peaks: list[dict]) -> Table:
+    """The machine's peak: GFLOP/s of one large square product per dtype and thread count, per engine."""
+    names = sorted({name for p in peaks for name in p["engines"]})
+    n = peaks[0]["n"]
+    table = _table(f"The machine's peak: GFLOP/s of one {n} x {n} product", ("dtype", "threads", "peak", *names))
+    for p in peaks:
+        engines = [f"{p['engines'][name] / 1e9:,.1f}" if name in p["engines"] else "" for name in names]
+        table.add_row(p["dtype"], str(p["threads"]), f"{p['flops_per_s'] / 1e9:,.1f} ({p['engine']})", *engines)
     return table
 
 
@@ -75,7 +110,7 @@ def loaded_table(loaded: list[dict], labels: dict) -> Table:
 
 def epoch_table(epoch_rows: list[dict]) -> Table:
     """A whole MNIST epoch per implementation."""
-    names = ("implementation", "dtype", "threads", "seconds", "samples/s", "share of limit")
+    names = ("implementation", "dtype", "threads", "seconds", "samples/s", "share of limit", "GFLOP/s")
     table = _table(f"A whole MNIST epoch ({epoch_rows[0]['epoch_samples']:,} images, batch {EPOCH_BATCH_SIZE})", names)
     for r in epoch_rows:
         table.add_row(
@@ -84,7 +119,8 @@ def epoch_table(epoch_rows: list[dict]) -> Table:
             str(r["threads"]),
             f"{r['epoch_seconds']:.3f}",
             f"{r['samples_per_s']:,.0f}{_busy(r)}",
-            f"{r['fraction_of_limit']:.0%}",
+            f"{r['fraction_of_limit']:.0%} ({r['limit_engine']})",
+            f"{r['flops_per_s'] / 1e9:,.0f}{_of_peak(r)}",
         )
     return table
 
@@ -164,7 +200,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path, labels: dict, styles: dict) -> None:
-    """``bench.png``: samples/s against the batch size, one panel per dtype and thread count."""
+    """``bench.png``: samples/s against the batch size, one panel per dtype and thread count; the
+    limit's points name the engine that set them, the engines' own lines are dotted."""
     step_rows = [r for r in rows if r["mode"] != "epoch" and not r["under_load"] and not is_ensemble_row(r)]
     dtypes = list(dict.fromkeys(r["dtype"] for r in step_rows))
     thread_counts = sorted({r["threads"] for r in step_rows})
@@ -176,17 +213,19 @@ def plot(rows: list[dict], path: Path, labels: dict, styles: dict) -> None:
             here = [r for r in step_rows if r["dtype"] == dtype and r["threads"] == threads]
             for key in dict.fromkeys((r["impl"], r["mode"]) for r in here):
                 series = sorted((r["batch_size"], r["samples_per_s"]) for r in here if (r["impl"], r["mode"]) == key)
-                ax.plot(
-                    *zip(*series),
-                    label=_label(labels, key),
-                    linewidth=1.8,
-                    markersize=6,
-                    **styles.get(key, {}),
-                )
+                ax.plot(*zip(*series), label=_label(labels, key).strip(), **{**LINE, **styles.get(key, {})})
+            for r in here:  # which engine set the limit
+                if (r["impl"], r["mode"]) == LIMIT_KEY:
+                    ax.annotate(
+                        r["limit_engine"], (r["batch_size"], r["samples_per_s"]), xytext=(0, 6),
+                        textcoords="offset points", ha="center", fontsize=7,
+                    )  # fmt: skip
             title = f"training step, {dtype}, {threads} thread{'s' if threads > 1 else ''}"
             ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples / s", title=title)
+            ax.margins(x=0.08, y=0.12)  # room for the engines' names above the limit
             sizes = sorted({r["batch_size"] for r in here})
             ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the batch sizes only, also over a short range
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     fig.tight_layout()

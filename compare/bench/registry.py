@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compare.bench.limit import LIMIT_KEY, LIMIT_LABEL, LIMIT_STYLE, xla_products
+from compare.bench.limit import ENGINES, LIMIT_KEY, LIMIT_LABEL, LIMIT_STYLE
 from compare.bench.runners import Setup, jax_scan_runner, jax_step_runner, numpy_runner, torch_missing, torch_runner
 
 #: bench.json's ``impl`` values: the two sides (the NumPy side's two backends apart) and PyTorch.
@@ -75,26 +75,21 @@ class Registry:
         return next(i for i in self.implementations if i.key == key)
 
     def labels(self) -> dict:
-        """``(impl, mode) -> label`` of every row and of the limit."""
-        return {LIMIT_KEY: LIMIT_LABEL, **{i.key: i.label for i in self.implementations}}
+        """``(impl, mode) -> label`` of every row, of the limit and of its engines."""
+        engines = {engine.key: f"  engine: {engine.label}, 11 products" for engine in ENGINES}
+        return {LIMIT_KEY: LIMIT_LABEL, **engines, **{i.key: i.label for i in self.implementations}}
 
     def styles(self) -> dict:
-        """``(impl, mode) -> matplotlib style`` of every row and of the limit."""
-        return {LIMIT_KEY: LIMIT_STYLE, **{i.key: i.style for i in self.implementations}}
+        """``(impl, mode) -> matplotlib style`` of every row, of the limit and of its engines."""
+        engines = {engine.key: engine.style for engine in ENGINES}
+        return {LIMIT_KEY: LIMIT_STYLE, **engines, **{i.key: i.style for i in self.implementations}}
 
 
 def default_registry() -> Registry:
-    """The bench's rows: XLA's products, the JAX side's scan and jitted step, the NumPy side's fast and
+    """The bench's rows: the JAX side's scan and jitted step, the NumPy side's fast and
     reference trainers on both backends (and the shared thread pool), PyTorch."""
     return Registry(
         [
-            Implementation(
-                "jax",
-                "xla-dot",
-                "XLA dot, 11 products",
-                lambda s, b, t: xla_products(b.shape[1], s.dtype, len(b), s.images),
-                dict(color="#1f77b4", linestyle=":", marker=""),
-            ),
             Implementation(
                 "jax", "scan", "JAX, epoch in lax.scan", jax_scan_runner, dict(color="#1f77b4", marker="o"), epoch=True
             ),

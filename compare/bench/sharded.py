@@ -4,14 +4,16 @@ devices (:mod:`compare.parallel.scaling`, every configuration in fresh processes
 from __future__ import annotations
 
 from compare.bench.ensemble import ENSEMBLE_BATCH_SIZE
+from compare.bench.limit import step_flops
 from compare.bench.worker import numpy_blas_info
 from compare.parallel import scaling
 
 
 def scaling_bench_rows(rows: list[dict], dtype: str) -> list[dict]:
     """The rows of :func:`compare.parallel.scaling.scaling_rows` as bench.json rows (``impl`` "jax", ``mode``
-    "sharded"): ``samples_per_s`` of the sharded trainer, the raw row under ``scaling``. Their
-    processes are not held to cores (``threads`` None); no limit was timed with them."""
+    "sharded"): ``samples_per_s`` of the sharded trainer (and its ``flops_per_s``: the step's 11
+    products), the raw row under ``scaling``. Their processes are not held to cores (``threads``
+    None); no limit was timed with them (``limit_samples_per_s``, ``limit_engine`` None)."""
     info = numpy_blas_info()
     return [
         {
@@ -21,6 +23,8 @@ def scaling_bench_rows(rows: list[dict], dtype: str) -> list[dict]:
             "batch_size": int(r["batch_size"]),
             "samples_per_s": float(r["sharded_samples_per_s"]),
             "limit_samples_per_s": None,
+            "limit_engine": None,
+            "flops_per_s": step_flops(int(r["batch_size"])) * float(r["sharded_samples_per_s"]) / int(r["batch_size"]),
             "processes": int(r["processes"]),
             "devices": int(r["devices"]),
             "devices_per_process": int(r["devices_per_process"]),

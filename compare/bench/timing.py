@@ -1,8 +1,9 @@
 """The bench's one timing loop, shared by every row (single models, ensembles, the limit), and the load.
 
 :func:`measure_interleaved` times several callables round-robin and compares each with the limit of
-the same round; :class:`CpuLoad` says how much other processes used the cores meanwhile;
-:func:`competing_load` makes such a load on purpose (``--under-load``).
+the same round (the fastest of the limit's engines in that round); :class:`CpuLoad` says how much
+other processes used the cores meanwhile; :func:`competing_load` makes such a load on purpose
+(``--under-load``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -66,12 +67,21 @@ class Timing:
     other_cpu: float  # max over the rounds
     fraction_of_limit: float = float("nan")  # median over the rounds of t(limit) / t(this), same round
     cpu_per_wall: float = float("nan")  # this process's CPU time / wall time while timed: cores used
+    best_seconds_per_step: float = float("nan")  # the fastest round
+    limit_wins: dict = field(default_factory=dict)  # of the limit: each limit key -> rounds it was the fastest in
 
 
 def measure_interleaved(
-    runs: dict, steps: int, repeats: int, limit_key=None, warmup: int = 1, settle: int = 1, budget: float | None = None
+    runs: dict,
+    steps: int,
+    repeats: int,
+    limit_keys=(),
+    limit_name="limit",
+    warmup: int = 1,
+    settle: int = 1,
+    budget: float | None = None,
 ) -> dict[str, Timing]:
-    """Median per-step times of several ``run()`` callables (each performs ``steps`` steps),
+    r"""Median per-step times of several ``run()`` callables (each performs ``steps`` steps),
     timed round-robin: ``repeats`` rounds, each timing every callable once, right after
     ``settle`` untimed calls of the same callable.
 
@@ -80,11 +90,21 @@ def measure_interleaved(
     moved the two vCPUs), and callables timed one after the other would see different machines.
     The settling calls matter too: the first run after switching from one library to another is
     slower (measured: a JAX epoch right after NumPy's OpenBLAS ran 10-25 % slower than the next
-    one). With ``limit_key``, every callable's ``fraction_of_limit`` is the median over the rounds
-    of ``t(limit) / t(callable)`` measured in the same round. With a ``budget`` (seconds), fewer
-    rounds (at least :data:`MIN_REPEATS`) where the warm-up says ``repeats`` would take longer: a
-    machine whose other processes make some rows ten times slower still ends the bench.
+    one).
+
+    With ``limit_keys`` (some of the keys of ``runs``: different ways of doing the same work), the
+    limit of round :math:`r` is the fastest of them in that round, :math:`t_r^* = \min_{k}
+    t_{k,r}`; it is returned as one more timing under ``limit_name`` (its ``limit_wins``: the rounds
+    each limit key was the fastest in), and every callable's ``fraction_of_limit`` is the median
+    over the rounds of :math:`t_r^* / t_r`. With a ``budget`` (seconds), fewer rounds (at least
+    :data:`MIN_REPEATS`) where the warm-up says ``repeats`` would take longer: a machine whose other
+    processes make some rows ten times slower still ends the bench.
     """
+    limit_keys = list(limit_keys)
+    if limit_keys and limit_name in runs:
+        raise ValueError(f"limit_name {limit_name!r} is one of the timed callables' keys: pick another")
+    if any(key not in runs for key in limit_keys):
+        raise ValueError(f"every limit key must be a timed callable's key, got {limit_keys}")
     start = time.perf_counter()
     for run in runs.values():
         for _ in range(warmup):
@@ -107,16 +127,33 @@ def measure_interleaved(
             times[key].append(elapsed / steps)
             others[key].append(load.other)
             cores[key].append(cpu / elapsed)
+    wins = {}
+    if limit_keys:  # per round, the fastest of the limit keys
+        fastest = [min(limit_keys, key=lambda k: times[k][r]) for r in range(repeats)]
+        times[limit_name] = [times[k][r] for r, k in enumerate(fastest)]
+        others[limit_name] = [others[k][r] for r, k in enumerate(fastest)]
+        cores[limit_name] = [cores[k][r] for r, k in enumerate(fastest)]
+        wins = {key: fastest.count(key) for key in limit_keys}
     out = {}
     for key, values in times.items():
         median = float(np.median(values))
         ratio = (
-            float(np.median([t_limit / t for t_limit, t in zip(times[limit_key], values)]))
-            if limit_key is not None
+            float(np.median([t_limit / t for t_limit, t in zip(times[limit_name], values)]))
+            if limit_keys
             else float("nan")
         )
         spread = (max(values) - min(values)) / median
-        out[key] = Timing(median, spread, repeats, steps, max(others[key]), ratio, float(np.median(cores[key])))
+        out[key] = Timing(
+            median,
+            spread,
+            repeats,
+            steps,
+            max(others[key]),
+            ratio,
+            float(np.median(cores[key])),
+            float(min(values)),
+            wins if key == limit_name else {},
+        )
     return out
 
 

@@ -1,5 +1,5 @@
 """The bench's worker: one process per thread count, held to that many cores, every library held to
-that many threads; it times the rows and hands them back as JSON."""
+that many threads; it measures the machine's peak per dtype, times the rows and hands them back as JSON."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 import threadpoolctl
 
 from compare.bench.ensemble import ENSEMBLE_DTYPE, bench_ensemble
+from compare.bench.limit import ENGINES, best_peak, measure_peak
 from compare.bench.registry import default_registry
-from compare.bench.rows import bench_batch_size, bench_epoch
+from compare.bench.rows import bench_batch_size, bench_epoch, with_peak
 from compare.bench.runners import Setup
 from compare.contract import training
 from compare.contract.init import init_params, init_state
@@ -99,8 +100,8 @@ def worker(args) -> int:
         if why:
             notes.append(why)
             impls = [impl for impl in impls if impl != implementation.impl]
-    if "jax" in impls or args.ensemble:
-        jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
+    notes += [f"limit engine {engine.name} skipped: {engine.missing()}" for engine in ENGINES if engine.missing()]
+    jax.config.update("jax_enable_x64", True)  # float64 XLA (a row, the limit) needs it; float32 stays float32
     settings = thread_settings(threads)
 
     def log(text):
@@ -111,25 +112,35 @@ def worker(args) -> int:
         f"{settings['blas_threads']} threads), numba {settings['numba_threads']}, XLA_FLAGS={settings['xla_flags']!r}"
     )
     train_x, train_y, _, _ = load_mnist()
-    rows = []
+    rows, peaks = [], []
     for dtype in args.dtypes:
+        before = measure_peak(dtype)
         params, state = init_params(args.seed, dtype), init_state(dtype)
         setup = Setup(dtype, train_x.astype(dtype), train_y, params, state)
         rng = training.batch_rng(args.seed)
+        dtype_rows = []
         for batch_size in args.batch_sizes:
-            rows += bench_batch_size(
+            dtype_rows += bench_batch_size(
                 registry, setup, batch_size, size, impls, rng, log, settings, under_load=args.under_load
             )
         if not args.no_epoch:
-            rows += bench_epoch(registry, setup, impls, rng, 1 if args.quick else 3, log, settings)
+            dtype_rows += bench_epoch(registry, setup, impls, rng, 1 if args.quick else 3, log, settings)
         if args.ensemble and dtype == ENSEMBLE_DTYPE:
-            rows += bench_ensemble(setup, args.ensemble, size, log, settings)
-    Path(args.worker_out).write_text(json.dumps({"rows": rows, "notes": notes}))
+            dtype_rows += bench_ensemble(setup, args.ensemble, size, log, settings)
+        peak = {**best_peak(before, measure_peak(dtype)), "threads": threads}
+        log(
+            f"{dtype} {threads} thread(s): peak {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s ({peak['engine']}, "
+            f"one {peak['n']} x {peak['n']} product, before and after the rows)"
+        )
+        rows += with_peak(dtype_rows, peak)
+        peaks.append(peak)
+    Path(args.worker_out).write_text(json.dumps({"rows": rows, "notes": notes, "peaks": peaks}))
     return 0
 
 
-def run_worker(args, threads: int, console) -> tuple[list[dict], list[str]]:
-    """Run :func:`worker` for ``threads`` in a process of its own; its rows and notes."""
+def run_worker(args, threads: int, console) -> dict:
+    """Run :func:`worker` for ``threads`` in a process of its own; its ``rows``, ``notes`` and
+    ``peaks`` (:func:`compare.bench.limit.measure_peak` per dtype)."""
     forwarded = ["--batch-sizes", *map(str, args.batch_sizes), "--dtypes", *args.dtypes, "--impls", *args.impls]
     forwarded += ["--ensemble", str(args.ensemble)] if args.ensemble else []
     forwarded += ["--seed", str(args.seed)] + [f"--{flag.replace('_', '-')}" for flag in FLAGS if getattr(args, flag)]
@@ -149,5 +160,4 @@ def run_worker(args, threads: int, console) -> tuple[list[dict], list[str]]:
                     process.wait()
         if code != 0:
             raise RuntimeError(f"the {threads}-thread bench worker failed (exit status {code})")
-        result = json.loads(out.read_text())
-    return result["rows"], result["notes"]
+        return json.loads(out.read_text())
