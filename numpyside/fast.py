@@ -45,6 +45,12 @@ def flat_blocks(shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> tuple[np
     return flat, views
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 class _Blocks:
     """All parameters (or all velocities, or all gradients) in ONE flat buffer, as blocks that
     stack the layers of equal shape:
@@ -124,9 +130,10 @@ class FastTrainer:
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
         contract.check_backend(backend)
-        batch_norm, dtype, self.images, self.labels = contract.check_training_set(
-            params, state, train_images, train_labels
-        )
+        batch_norm, dtype, images, labels = contract.check_training_set(params, state, train_images, train_labels)
+        # read-only views: the kernels only read them, and one array type whatever the caller's
+        # flags means one compilation (and numba cache entry) for every caller
+        self.images, self.labels = _read_only(images), _read_only(labels)
         self.dtype = dtype
         self.backend = backend
         self.batch_norm = batch_norm
