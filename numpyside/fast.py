@@ -22,7 +22,7 @@ import numpy as np
 
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
-from numpyside import blas, fused, threads
+from numpyside import blas, fused, gemm, gemm_choice, products, threads
 from numpyside.model import DEFAULT_BACKEND, forward
 from numpyside.train import Trainer
 
@@ -110,6 +110,7 @@ class _StepBuffers:
         self.dlogits = empty(batch, sizes[-1])
         self.ds = empty(n_hidden, batch, n)  # dL/d(sigmoid output)
         self.d = empty(n_hidden, batch, n)  # dL/d(pre-activation)
+        self.packed = empty(n * max(n, sizes[-1]))  # the numba GEMM's copy of a W.T
         self.count = dtype.type(batch)
         self.unbias = dtype.type(batch / (batch - 1)) if batch > 1 else dtype.type(np.nan)
         self.fused: fused.Activations | None = None  # the same arrays, for fused.train_steps
@@ -167,6 +168,15 @@ class FastTrainer:
         #: parts on the same numba threads (:func:`numpyside.threads.limited`), more fork-join points
         #: per step (``docs/performance.md``, "Two threads": no consistent gain since the kernels vectorise)
         self.shared_pool = False
+        #: the products' engine (a whole epoch per call): "auto" (the default, or ``$VMAP_BN_GEMM``)
+        #: with one thread per product the faster of NumPy's BLAS and the numba GEMM, measured
+        #: (:mod:`numpyside.gemm_choice`), with more the numba GEMM, split by columns; "blas" every
+        #: product on NumPy's BLAS (the readable trainer's bits); "numba" every one on the numba GEMM
+        self.gemm = gemm_choice.default()
+        #: with ``threads >= 2`` and the numba GEMM: runs chunks of steps on the threads or on one,
+        #: whichever it measures faster (the same bits either way; :class:`numpyside.threads.Pacer`)
+        self.pacer = threads.Pacer()
+        self._engines: dict[tuple[str, int, int], np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
@@ -179,8 +189,10 @@ class FastTrainer:
         start = time.perf_counter()
         self._check_batch_size(batch_size)
         saved = [a.copy() for a in self._owned_arrays()]
-        indices = (np.arange(batch_size) % len(self.images)).reshape(1, batch_size)
-        self._run(indices, np.zeros(1, self.dtype))
+        indices = np.tile(np.arange(batch_size) % len(self.images), (2, 1))
+        self.pacer = threads.Pacer(probe=1)  # two steps: one threaded, one not (where paced)
+        self._run(indices, np.zeros(2, self.dtype))
+        self.pacer = threads.Pacer()  # forget the compiling steps' times
         for array, copy in zip(self._owned_arrays(), saved):
             np.copyto(array, copy)
         self.predict(self.images[:2])
@@ -233,17 +245,57 @@ class FastTrainer:
         batch_indices = np.ascontiguousarray(batch_indices, dtype=np.intp)  # one index type: one compilation
         buffers = self._buffers_for(batch_size)
         losses = np.empty(steps, self.dtype)
+        if self.whole_epoch:
+            engines = self.engines(batch_size)
+            if self.threads > 1 and np.all(engines == products.NUMBA_GEMM):
+                self._run_paced(batch_indices, rates, losses, buffers, engines)
+                return losses
         with self._threads() as parts:
             if self.whole_epoch:
                 epoch = fused.Epoch(self.images, self.labels, batch_indices, rates, losses)
                 train_steps = fused.train_steps_threaded if parts > 1 else fused.train_steps
-                train_steps(epoch, *self._fused_arguments(buffers), self.batch_norm, parts)
+                arguments = self._fused_arguments(buffers)
+                train_steps(epoch, *arguments, self.batch_norm, parts, engines, buffers.packed, parts == 1)
                 return losses
             step = self._step_numpy if self.backend == "numpy" else self._step_numba
             with np.errstate(under="ignore"):  # exp(-|x|) underflows to 0 far out: intended
                 for k in range(steps):
                     losses[k] = step(buffers, batch_indices[k], rates[k])
         return losses
+
+    def engines(self, batch_size: int) -> np.ndarray:
+        """The engine of each of a step's products (:data:`numpyside.products.PRODUCTS`) at this
+        batch size, as :attr:`gemm` says (the shared pool: BLAS; no fused multiply-add in hardware:
+        BLAS for "auto")."""
+        choice = gemm_choice.check(self.gemm, "FastTrainer.gemm")
+        gemm.register(self.dtype)  # the epoch's kernels call it, whichever engine runs
+        if choice == "auto" and (self.shared_pool or not gemm.HAS_FMA):
+            choice = "blas"
+        elif choice == "auto" and self.threads > 1:
+            choice = "numba"
+        key = (choice, batch_size, self.threads)
+        if key not in self._engines:
+            if choice == "auto":
+                self._engines[key] = gemm_choice.engines(self.dtype, batch_size)
+            else:
+                self._engines[key] = products.engines_all(products.BLAS if choice == "blas" else products.NUMBA_GEMM)
+        return self._engines[key]
+
+    def _run_paced(self, batch_indices, rates, losses, buffers: _StepBuffers, engines: np.ndarray) -> None:
+        """:meth:`_run` with ``threads >= 2`` and every product on the numba GEMM: chunks of steps,
+        each on the threads or on this one as :attr:`pacer` chooses (the same bits)."""
+        arguments = self._fused_arguments(buffers)
+        with threads.numba_parts(self.threads) as parts:
+            k, steps = 0, len(batch_indices)
+            while k < steps:
+                threaded, count = self.pacer.next_chunk() if parts > 1 else (False, steps)
+                stop = min(steps, k + count)
+                epoch = fused.Epoch(self.images, self.labels, batch_indices[k:stop], rates[k:stop], losses[k:stop])
+                train_steps = fused.train_steps_threaded if threaded else fused.train_steps
+                start = time.perf_counter()
+                train_steps(epoch, *arguments, self.batch_norm, parts if threaded else 1, engines, buffers.packed, True)
+                self.pacer.record(threaded, stop - k, time.perf_counter() - start)
+                k = stop
 
     def _threads(self):
         """:func:`numpyside.threads.limited` to ``self.threads``; the kernels' parts only where a
