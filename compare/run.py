@@ -352,8 +352,6 @@ def compare_sides(args, warmup=None) -> int:
 
     # Step 0: the first training batch of the shared order.
     first_batch = training.epoch_batches(len(data[0]), args.batch_size, training.batch_rng(args.seed))[0]
-    if warmup is not None:
-        warmup.wait("model")
     rows0 = step0_rows(sides["jax"], sides["numpy"], params, state, data[0][first_batch], data[1][first_batch])
     console.print(step0_table(rows0, args.dtype))
 

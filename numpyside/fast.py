@@ -1,15 +1,25 @@
 r"""The fast trainer of the handwritten model: the reference computation, without the overhead.
 
-``FastTrainer`` has the interface of :class:`numpyside.train.Trainer` and performs exactly its
-floating-point operations, in its order (bit-identical results, ``tests/test_fast.py``), but every
-array a step touches is preallocated once per batch size; all parameters (and their velocities and
-gradients) live in ONE flat buffer, so SGD is one fused pass; the products are BLAS ``gemm`` calls
-into those buffers (``dW = x.T @ d``, ``dx = d @ W.T`` from transposed operands); and, with
-``backend="numba"``, the elementwise work runs in the fused kernels of :mod:`numpyside.fused`,
-a whole epoch in ONE numba call where NumPy's OpenBLAS can be called from numba
-(:mod:`numpyside.blas`), the counterpart of the JAX side's ``lax.scan``. ``threads``
-(default :func:`numpyside.threads.default_count`, 1) sets how many cores an epoch uses
+``FastTrainer`` has the interface of :class:`numpyside.train.Trainer` and performs its
+floating-point operations, in its order, but every array a step touches is preallocated once per
+batch size; all parameters (and their velocities and gradients) live in ONE flat buffer, so SGD is
+one fused pass; the products are ``gemm`` calls into those buffers (``dW = x.T @ d``, ``dx = d @
+W.T`` from transposed operands); and, with ``backend="numba"``, the elementwise work runs in the
+fused kernels of :mod:`numpyside.fused`, a whole epoch in ONE numba call where NumPy's OpenBLAS can
+be called from numba (:mod:`numpyside.blas`), the counterpart of the JAX side's ``lax.scan``.
+``threads`` (default :func:`numpyside.threads.default_count`, 1) sets how many cores an epoch uses
 (:mod:`numpyside.threads`). With ``backend="numpy"`` the same buffers are filled by NumPy ufuncs.
+
+Bits. Each product of a whole-epoch step runs on NumPy's BLAS or on the numba GEMM of
+:mod:`numpyside.gemm` (``gemm``: measured per product by default). With ``gemm="blas"`` the
+results are bit-identical to the reference trainer's (``tests/test_fast.py``); the numba GEMM sums
+each element as one fma chain where BLAS blocks the sum, so its products differ from the
+reference's by rounding (a few ulp of ``sum |a| |b|``), which training carries on as it carries
+the difference between one and two BLAS threads: after a few dozen steps within ``1e-5``
+(float32) and ``1e-12`` (float64) of the reference, the tolerances ``tests/test_fast.py`` holds
+every configuration to. The numba GEMM's results do not depend on the thread count, so with it
+one thread and two give the same bits.
+
 The readable reference is :mod:`numpyside.layers` / :mod:`numpyside.model` / :mod:`numpyside.train`;
 where the time goes and what was tried: ``docs/performance.md``.
 """
@@ -168,10 +178,10 @@ class FastTrainer:
         #: parts on the same numba threads (:func:`numpyside.threads.limited`), more fork-join points
         #: per step (``docs/performance.md``, "Two threads": no consistent gain since the kernels vectorise)
         self.shared_pool = False
-        #: the products' engine (a whole epoch per call): "auto" (the default, or ``$VMAP_BN_GEMM``)
-        #: with one thread per product the faster of NumPy's BLAS and the numba GEMM, measured
-        #: (:mod:`numpyside.gemm_choice`), with more the numba GEMM, split by columns; "blas" every
-        #: product on NumPy's BLAS (the readable trainer's bits); "numba" every one on the numba GEMM
+        #: the products' engine (a whole epoch per call; default ``$VMAP_BN_GEMM`` or "auto"): "auto"
+        #: on one thread NumPy's BLAS (the readable trainer's bits), on more the numba GEMM, split by
+        #: columns; "measured" per product the faster of the two on one thread
+        #: (:mod:`numpyside.gemm_choice`); "blas" or "numba" every product on that engine
         self.gemm = gemm_choice.default()
         #: with ``threads >= 2`` and the numba GEMM: runs chunks of steps on the threads or on one,
         #: whichever it measures faster (the same bits either way; :class:`numpyside.threads.Pacer`)
@@ -265,17 +275,16 @@ class FastTrainer:
 
     def engines(self, batch_size: int) -> np.ndarray:
         """The engine of each of a step's products (:data:`numpyside.products.PRODUCTS`) at this
-        batch size, as :attr:`gemm` says (the shared pool: BLAS; no fused multiply-add in hardware:
-        BLAS for "auto")."""
+        batch size, as :attr:`gemm` says ("auto" with the shared pool or without fused multiply-add
+        in hardware: BLAS)."""
         choice = gemm_choice.check(self.gemm, "FastTrainer.gemm")
         gemm.register(self.dtype)  # the epoch's kernels call it, whichever engine runs
-        if choice == "auto" and (self.shared_pool or not gemm.HAS_FMA):
-            choice = "blas"
-        elif choice == "auto" and self.threads > 1:
-            choice = "numba"
+        if choice == "auto":
+            numba_gemm = self.threads > 1 and not self.shared_pool and gemm.HAS_FMA
+            choice = "numba" if numba_gemm else "blas"
         key = (choice, batch_size, self.threads)
         if key not in self._engines:
-            if choice == "auto":
+            if choice == "measured":
                 self._engines[key] = gemm_choice.engines(self.dtype, batch_size)
             else:
                 self._engines[key] = products.engines_all(products.BLAS if choice == "blas" else products.NUMBA_GEMM)

@@ -9,8 +9,10 @@ fused multiply-adds in ``k`` order,
            \mathrm{fma}(a_{i0}, b_{0j}, 0))\dots),
 
 whatever the tile, the part or the machine: the result does not depend on how the columns are
-split between threads, nor on the vector width (``tests/test_gemm.py``). It differs from a BLAS
-``gemm`` (which blocks ``k`` and may reorder the sum) by rounding only, a few ulp per element.
+split between threads, nor on the vector width (``tests/test_gemm.py`` checks the chain exactly).
+Its error is that of a sum of ``k`` products, ``|c - ab| <= k eps sum_kk |a_ikk| |b_kkj|`` (the
+classical bound ``gamma_k`` with ``u = eps / 2``, rounded up); a BLAS ``gemm`` blocks ``k`` and
+sums in another order, so the two differ by rounding, a few ulp of ``sum |a| |b|`` per element.
 
 The work is done by :func:`tile`, an LLVM microkernel written as a numba intrinsic: ``MR`` rows
 times ``NV`` vectors of ``W`` lanes of the output stay in registers for the whole sum (``MR x NV``
@@ -18,8 +20,9 @@ accumulators), each step loads ``NV`` vectors of a row of ``op(B)`` and broadcas
 of a column of ``op(A)``. ``W`` is the target's vector width (:data:`VECTOR_BYTES`: 64 with
 AVX-512, else 32); the tile is 6 rows by 2 vectors (12 accumulators, 2 loaded vectors and a
 broadcast: 15 of AVX2's 16 vector registers). The columns left over are done by narrower tiles,
-the rows left over one at a time. Whether this beats NumPy's BLAS on a given shape is measured
-(:mod:`numpyside.gemm_choice`), not assumed.
+the rows left over one at a time. The tiles are compiled once per dtype into one C function
+(:func:`register`), which the kernels call by a fixed symbol. Whether this beats NumPy's BLAS on
+a given shape is measured (:mod:`numpyside.gemm_choice`), not assumed.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ with the smaller median. The choice is measured once per machine and kept in a s
 (:func:`cache_path`), under a key that names what it depends on: the CPU numba compiles for, the
 BLAS kernel, the dtype and the batch size.
 
-``VMAP_BN_GEMM`` (or a trainer's ``gemm`` attribute) overrides it: ``blas`` (every product on
-NumPy's BLAS: the readable trainer's bits), ``numba`` (every product on the numba GEMM), ``auto``
-(the measured choice; the default).
+A trainer uses it with ``gemm="measured"`` (or ``VMAP_BN_GEMM=measured``). The default, ``auto``,
+keeps NumPy's BLAS on one thread (the readable trainer's bits; on the CPU of ``docs/performance.md``
+the measured choice was not faster end to end) and takes the numba GEMM on more (its bits do not
+depend on the thread count); ``blas`` and ``numba`` put every product on that engine.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from numpyside import gemm, products, threads
 
 #: The environment variable that overrides the measured choice.
 VARIABLE = "VMAP_BN_GEMM"
-CHOICES = ("auto", "blas", "numba")
+CHOICES = ("auto", "measured", "blas", "numba")
 #: Rounds of the interleaved timing, and the work (multiply-adds) of one timed sample.
 ROUNDS, SAMPLE_MACS = 7, 10_000_000
 

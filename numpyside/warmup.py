@@ -5,15 +5,14 @@ code in its on-disk cache (``cache=True``); a later process loads it in millisec
 cache (a fresh clone, a new numba version or CPU), compiling what one ``compare/run.py`` calls
 takes several seconds of one core, during which the comparison would wait. :func:`start` runs
 ``python -m numpyside.warmup`` in the background, which calls the same functions with the same
-argument types on a few synthetic images and so fills the cache, one phase after another:
-
-1. ``model``: the readable model's kernels (``numpyside.model``, ``backend="numba"``): the step-0
-   table's ``loss_and_grads`` and ``train_logits``, and ``predict_logits`` (eval mode);
-2. ``trainer``: :class:`numpyside.fast.FastTrainer`'s whole-epoch kernels (``compile``).
-
-The caller meanwhile imports JAX, loads MNIST and compiles the JAX side on the other core, and
-calls :meth:`Warmup.wait` with a phase's name before it first calls that phase's kernels, so that
-they come from the cache instead of being compiled a second time. Only what the run uses is
+argument types on a few synthetic images and so fills the cache. Its phase ``trainer`` compiles
+:class:`numpyside.fast.FastTrainer`'s whole-epoch kernels (``compile``, which also measures the
+products' engines, :mod:`numpyside.gemm_choice`): the most compiling a run does, and the last the
+run needs. The caller meanwhile imports JAX, loads MNIST, compiles the readable model's kernels for
+the step-0 table itself (the two processes split the compiling between the two cores) and the JAX
+side, and calls :meth:`Warmup.wait` before the trainer's first call, so that its kernels come from
+the cache instead of being compiled a second time. (A phase ``model`` compiles the readable
+model's kernels, for callers that want those in the background too.) Only what the run uses is
 compiled: its dtype, batch norm on or off. If the second process fails or cannot start, ``wait``
 returns and the caller compiles as it would have anyway: the warm-up changes when the compiling
 happens, never what is computed.
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 #: The phases, in the order the background process compiles them (each line it prints is one).
-PHASES = ("model", "trainer")
+PHASES = ("trainer",)
+#: Every phase :func:`compile_phase` knows.
+KNOWN_PHASES = ("trainer", "model")
 #: Seconds :meth:`Warmup.wait` waits for a phase at most before the caller compiles it itself.
 WAIT_LIMIT_S = 300.0
 
@@ -47,8 +48,8 @@ class Warmup:
     def wait(self, phase: str) -> bool:
         """Block until the background process has compiled ``phase`` (True), or has ended without
         it or took longer than :data:`WAIT_LIMIT_S` (False: the caller compiles it itself)."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if phase not in KNOWN_PHASES:
+            raise ValueError(f"phase must be one of {KNOWN_PHASES}, got {phase!r}")
         start = time.perf_counter()
         try:
             while phase not in self.done and self.process is not None:
@@ -76,16 +77,16 @@ class Warmup:
 
 
 def _in_cache(dtype: np.dtype) -> bool:
-    """Whether numba's on-disk cache holds, for this CPU and ``dtype``, the two kernels that take
-    longest to compile (one per phase): then the warm-up would only cost a process start. Reads
+    """Whether numba's on-disk cache holds, for this CPU and ``dtype``, the trainer's epoch (the
+    kernel that takes longest to compile): then the warm-up would only cost a process start. Reads
     numba's cache index (``Dispatcher._cache``, not public API): any surprise counts as "no"."""
     from numba.core.registry import cpu_target
 
-    from numpyside import fused, kernels
+    from numpyside import fused
 
     try:
         magic = cpu_target.target_context.codegen().magic_tuple()
-        for dispatcher in (kernels.batchnorm_forward, fused.train_steps):
+        for dispatcher in (fused.train_steps,):
             index = dispatcher._cache._cache_file._load_index()
             if not any(key[1] == magic and f"({dtype.name}," in str(key[0]) for key in index):
                 return False
@@ -142,15 +143,16 @@ def compile_phase(phase: str, dtype: np.dtype, batch_norm: bool) -> None:
 
         FastTrainer(params, state, images, labels, momentum=0.9, backend="numba").compile(1, 128)
     else:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        raise ValueError(f"phase must be one of {KNOWN_PHASES}, got {phase!r}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m numpyside.warmup", description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--no-batch-norm", action="store_true")
+    parser.add_argument("--phases", nargs="+", choices=KNOWN_PHASES, default=list(PHASES))
     args = parser.parse_args(argv)
-    for phase in PHASES:
+    for phase in args.phases:
         compile_phase(phase, np.dtype(args.dtype), not args.no_batch_norm)
         print(phase, flush=True)
     return 0
