@@ -11,7 +11,12 @@ With ``count >= 2`` and ``shared_pool``, OpenBLAS's parallel jobs run on numba's
 runs ``dojob(i, jobdata + i * jobdata_elsize, dojob_data)`` for ``i < numjobs`` as a ``prange``.
 BLAS and the kernels of :mod:`numpyside.fused` then share one pool, and each product's jobs are
 OpenBLAS's own jobs (the same bits, ``tests/test_fast.py``). :func:`available` says whether this
-works here. Measurements: ``docs/performance.md``.
+works here.
+
+:func:`numba_parts` holds OpenBLAS to one thread and gives numba's parallel regions ``count``
+threads (the fast trainer's mode with the numba GEMM), and :class:`Pacer` decides, chunk of steps
+by chunk, whether those parts run on the threads or one after another. Measurements:
+``docs/performance.md``.
 """
 
 from __future__ import annotations
