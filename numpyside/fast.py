@@ -264,6 +264,8 @@ class FastTrainer:
             if self.whole_epoch:
                 epoch = fused.Epoch(self.images, self.labels, batch_indices, rates, losses)
                 train_steps = fused.train_steps_threaded if parts > 1 else fused.train_steps
+                if parts == 1 and np.all(engines == products.BLAS):
+                    train_steps = fused.train_steps_blas  # compiled without the GEMM
                 arguments = self._fused_arguments(buffers)
                 train_steps(epoch, *arguments, self.batch_norm, parts, engines, buffers.packed, parts == 1)
                 return losses
@@ -278,10 +280,11 @@ class FastTrainer:
         batch size, as :attr:`gemm` says ("auto" with the shared pool or without fused multiply-add
         in hardware: BLAS)."""
         choice = gemm_choice.check(self.gemm, "FastTrainer.gemm")
-        gemm.register(self.dtype)  # the epoch's kernels call it, whichever engine runs
         if choice == "auto":
             numba_gemm = self.threads > 1 and not self.shared_pool and gemm.HAS_FMA
             choice = "numba" if numba_gemm else "blas"
+        if choice != "blas" or self.threads > 1:
+            gemm.register(self.dtype)  # every epoch but train_steps_blas calls it
         key = (choice, batch_size, self.threads)
         if key not in self._engines:
             if choice == "measured":

@@ -329,7 +329,8 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
     backward its features' ``ds``, ``d`` and ``dW``, with no wait in between (a layer's parts wait
     for each other once, as the next product needs all of them). Otherwise (BLAS with ``parts > 1``)
     each product is one call before or after the parts. The results do not depend on ``parts``.
-    Compiled twice: :func:`train_steps` (``prange`` is ``range``) and :func:`train_steps_threaded`.
+    Compiled three times: :func:`train_steps` (``prange`` is ``range``), :func:`train_steps_threaded`
+    and :func:`train_steps_blas` (one thread, every product on BLAS).
     """
     n_hidden, n_rows, n = act.z.shape
     last, n_out = n_hidden - 1, act.logits.shape[1]
@@ -372,18 +373,30 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
             sgd_momentum(p.flat, velocity, g.flat, epoch.rates[k], c.momentum, lo, hi)
 
 
-def _copy_named(function, name: str):
-    """``function`` under another name: numba's on-disk cache files a compiled function under its
-    name and line, so the serial and the parallel compilation of one body need two names."""
-    copy = pytypes.FunctionType(
-        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
-    )
+def _copy_named(function, name: str, **globals_):
+    """``function`` under another name (and with ``globals_`` replacing some of its globals):
+    numba's on-disk cache files a compiled function under its name and line, so two compilations
+    of one body need two names."""
+    namespace = dict(function.__globals__, **globals_) if globals_ else function.__globals__
+    copy = pytypes.FunctionType(function.__code__, namespace, name, function.__defaults__, function.__closure__)
     copy.__qualname__ = name
     copy.__doc__ = function.__doc__
     return copy
 
 
+#: :mod:`numpyside.products` as an epoch with every product on BLAS sees it (the default on one
+#: thread): the same names, BLAS behind each, so that epoch compiles no GEMM code at all.
+_BLAS_PRODUCTS = pytypes.ModuleType("numpyside.products, BLAS only")
+_BLAS_PRODUCTS.__dict__.update(
+    {name: getattr(products, name) for name in ("FORWARD", "WEIGHT_GRADIENT", "INPUT_GRADIENT")},
+    nn=products.blas_nn,
+    tn=products.blas_tn,
+    nt=products.blas_nt,
+)
+
 train_steps = _jit(_copy_named(_train_steps, "train_steps"))
 train_steps_threaded = numba.njit(
     cache=True, parallel=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False
 )(_copy_named(_train_steps, "train_steps_threaded"))
+#: :func:`train_steps` with every product on BLAS (``engines`` is not read)
+train_steps_blas = _jit(_copy_named(_train_steps, "train_steps_blas", products=_BLAS_PRODUCTS))

@@ -130,6 +130,24 @@ def nt(engine, d, w, packed, out, lo, hi):
         gemm.nt(d, w, packed, out, lo, hi)
 
 
+@_jit
+def blas_nn(engine, x, w, out, lo, hi):
+    """:func:`nn` with BLAS whatever ``engine`` says: an epoch compiled with these contains no GEMM."""
+    matmul(x, w, out)
+
+
+@_jit
+def blas_tn(engine, x, d, out, lo, hi):
+    """:func:`tn` on BLAS (see :func:`blas_nn`)."""
+    matmul_tn(x, d, out)
+
+
+@_jit
+def blas_nt(engine, d, w, packed, out, lo, hi):
+    """:func:`nt` on BLAS (see :func:`blas_nn`)."""
+    matmul_nt(d, w, out)
+
+
 def engines_all(engine: int) -> np.ndarray:
     """One engine for every product of a step."""
     return np.full(len(PRODUCTS), engine, np.int64)

@@ -82,11 +82,11 @@ def _in_cache(dtype: np.dtype) -> bool:
     numba's cache index (``Dispatcher._cache``, not public API): any surprise counts as "no"."""
     from numba.core.registry import cpu_target
 
-    from numpyside import fused
+    from numpyside import fused, threads
 
     try:
         magic = cpu_target.target_context.codegen().magic_tuple()
-        for dispatcher in (fused.train_steps,):
+        for dispatcher in (fused.train_steps_blas if threads.default_count() == 1 else fused.train_steps,):
             index = dispatcher._cache._cache_file._load_index()
             if not any(key[1] == magic and f"({dtype.name}," in str(key[0]) for key in index):
                 return False
