@@ -118,14 +118,18 @@ def start(dtype, batch_norm: bool = True) -> Warmup:
 
 
 def _synthetic_data(dtype: np.dtype, batch_norm: bool, n: int = 256):
-    """Random images and labels in the run's types, and initial parameters and state."""
-    from compare.contract import LAYER_SIZES
-    from compare.init import init_params, init_state
+    """Random images, labels, parameters and running statistics in the run's types and layout."""
+    from compare.contract import LAYER_SIZES, param_shapes, state_shapes
 
     rng = np.random.default_rng(0)
     images = rng.random((n, LAYER_SIZES[0])).astype(dtype)
     labels = rng.integers(0, LAYER_SIZES[-1], n).astype(np.uint8)  # MNIST's label type
-    return init_params(0, dtype, batch_norm=batch_norm), init_state(dtype, batch_norm), images, labels
+    params = [
+        {key: (0.1 * rng.standard_normal(shape)).astype(dtype) for key, shape in layer.items()}
+        for layer in param_shapes(batch_norm)
+    ]
+    state = [{key: np.ones(shape, dtype) for key, shape in layer.items()} for layer in state_shapes()]
+    return params, state if batch_norm else [], images, labels
 
 
 def compile_phase(phase: str, dtype: np.dtype, batch_norm: bool) -> None:
