@@ -11,7 +11,7 @@ be called from numba (:mod:`numpyside.blas`), the counterpart of the JAX side's 
 (:mod:`numpyside.threads`). With ``backend="numpy"`` the same buffers are filled by NumPy ufuncs.
 
 Bits. Each product of a whole-epoch step runs on NumPy's BLAS or on the numba GEMM of
-:mod:`numpyside.gemm` (``gemm``: measured per product by default). With ``gemm="blas"`` the
+:mod:`numpyside.gemm` (``gemm``; by default BLAS on one thread, the numba GEMM on more). With ``gemm="blas"`` the
 results are bit-identical to the reference trainer's (``tests/test_fast.py``); the numba GEMM sums
 each element as one fma chain where BLAS blocks the sum, so its products differ from the
 reference's by rounding (a few ulp of ``sum |a| |b|``), which training carries on as it carries
@@ -200,9 +200,9 @@ class FastTrainer:
         self._check_batch_size(batch_size)
         saved = [a.copy() for a in self._owned_arrays()]
         indices = np.tile(np.arange(batch_size) % len(self.images), (2, 1))
-        self.pacer = threads.Pacer(probe=1)  # two steps: one threaded, one not (where paced)
+        pacer, self.pacer = self.pacer, threads.Pacer(probe=1)  # two steps: one threaded, one not
         self._run(indices, np.zeros(2, self.dtype))
-        self.pacer = threads.Pacer()  # forget the compiling steps' times
+        self.pacer = pacer  # the compiling steps' times are not the pacer's business
         for array, copy in zip(self._owned_arrays(), saved):
             np.copyto(array, copy)
         self.predict(self.images[:2])
