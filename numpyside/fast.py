@@ -1,15 +1,26 @@
 r"""The fast trainer of the handwritten model: the reference computation, without the overhead.
 
-``FastTrainer`` has the interface of :class:`numpyside.train.Trainer` and performs exactly its
-floating-point operations, in its order (bit-identical results, ``tests/test_fast.py``), but every
-array a step touches is preallocated once per batch size; all parameters (and their velocities and
-gradients) live in ONE flat buffer, so SGD is one fused pass; the products are BLAS ``gemm`` calls
-into those buffers (``dW = x.T @ d``, ``dx = d @ W.T`` from transposed operands); and, with
-``backend="numba"``, the elementwise work runs in the fused kernels of :mod:`numpyside.kernels.fused`,
-a whole epoch in ONE numba call where NumPy's OpenBLAS can be called from numba
-(:mod:`numpyside.kernels.blas`), the counterpart of the JAX side's ``lax.scan``. ``threads``
-(default :func:`numpyside.kernels.threads.default_count`, 1) sets how many cores an epoch uses
-(:mod:`numpyside.kernels.threads`). With ``backend="numpy"`` the same buffers are filled by NumPy ufuncs.
+``FastTrainer`` has the interface of :class:`numpyside.train.Trainer` and performs its
+floating-point operations, in its order, but every array a step touches is preallocated once per
+batch size; all parameters (and their velocities and gradients) live in ONE flat buffer, so SGD is
+one fused pass; the products are ``gemm`` calls into those buffers (``dW = x.T @ d``, ``dx = d @
+W.T`` from transposed operands); and, with ``backend="numba"``, the elementwise work runs in the
+fused kernels of :mod:`numpyside.kernels.fused`, a whole epoch in ONE numba call where NumPy's
+OpenBLAS can be called from numba (:mod:`numpyside.kernels.blas`), the counterpart of the JAX side's
+``lax.scan``. ``threads`` (default :func:`numpyside.kernels.threads.default_count`, 1) sets how many
+cores an epoch uses (:mod:`numpyside.kernels.threads`). With ``backend="numpy"`` the same buffers
+are filled by NumPy ufuncs.
+
+Bits. Each product of a whole-epoch step runs on NumPy's BLAS or on the numba GEMM of
+:mod:`numpyside.kernels.gemm` (``gemm``; by default BLAS on one thread, the numba GEMM on more).
+With ``gemm="blas"`` the results are bit-identical to the reference trainer's
+(``tests/test_fast.py``); the numba GEMM sums each element as one fma chain where BLAS blocks the
+sum, so its products differ from the reference's by rounding (a few ulp of ``sum |a| |b|``), which
+training carries on as it carries the difference between one and two BLAS threads: after a few dozen
+steps within ``1e-5`` (float32) and ``1e-12`` (float64) of the reference, the tolerances
+``tests/test_fast.py`` holds every configuration to. The numba GEMM's results do not depend on the
+thread count, so with it one thread and two give the same bits.
+
 The readable reference is :mod:`numpyside.layers` / :mod:`numpyside.model` / :mod:`numpyside.train`;
 where the time goes and what was tried: ``docs/performance.md``.
 """
@@ -23,7 +34,7 @@ import numpy as np
 from compare import contract
 from compare.contract import BN_EPS, BN_MOMENTUM, InputError
 from numpyside.backend import DEFAULT_BACKEND, check_backend
-from numpyside.kernels import blas, fused, threads
+from numpyside.kernels import blas, fused, gemm, gemm_choice, products, threads
 from numpyside.model import forward
 from numpyside.train import Trainer
 
@@ -44,6 +55,12 @@ def flat_blocks(shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> tuple[np
         name: flat[offsets[name] : offsets[name] + int(np.prod(shape))].reshape(shape) for name, shape in shapes.items()
     }
     return flat, views
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 class _Blocks:
@@ -105,6 +122,7 @@ class _StepBuffers:
         self.dlogits = empty(batch, sizes[-1])
         self.ds = empty(n_hidden, batch, n)  # dL/d(sigmoid output)
         self.d = empty(n_hidden, batch, n)  # dL/d(pre-activation)
+        self.packed = empty(n * max(n, sizes[-1]))  # the numba GEMM's copy of a W.T
         self.count = dtype.type(batch)
         self.unbias = dtype.type(batch / (batch - 1)) if batch > 1 else dtype.type(np.nan)
         self.fused: fused.Activations | None = None  # the same arrays, for fused.train_steps
@@ -125,9 +143,10 @@ class FastTrainer:
 
     def __init__(self, params, state, train_images, train_labels, *, momentum: float, backend: str = DEFAULT_BACKEND):
         check_backend(backend)
-        batch_norm, dtype, self.images, self.labels = contract.check_training_set(
-            params, state, train_images, train_labels
-        )
+        batch_norm, dtype, images, labels = contract.check_training_set(params, state, train_images, train_labels)
+        # read-only views: the kernels only read them, and one array type whatever the caller's
+        # flags means one compilation (and numba cache entry) for every caller
+        self.images, self.labels = _read_only(images), _read_only(labels)
         self.dtype = dtype
         self.backend = backend
         self.batch_norm = batch_norm
@@ -161,6 +180,15 @@ class FastTrainer:
         #: parts on the same numba threads (:func:`numpyside.kernels.threads.limited`), more fork-join points
         #: per step (``docs/performance.md``, "Two threads": no consistent gain since the kernels vectorise)
         self.shared_pool = False
+        #: the products' engine (a whole epoch per call; default ``$VMAP_BN_GEMM`` or "auto"): "auto"
+        #: on one thread NumPy's BLAS (the readable trainer's bits), on more the numba GEMM, split by
+        #: columns; "measured" per product the faster of the two on one thread
+        #: (:mod:`numpyside.kernels.gemm_choice`); "blas" or "numba" every product on that engine
+        self.gemm = gemm_choice.default()
+        #: with ``threads >= 2`` and the numba GEMM: runs chunks of steps on the threads or on one,
+        #: whichever it measures faster (the same bits either way; :class:`numpyside.kernels.threads.Pacer`)
+        self.pacer = threads.Pacer()
+        self._engines: dict[tuple[str, int, int], np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
@@ -173,8 +201,10 @@ class FastTrainer:
         start = time.perf_counter()
         self._check_batch_size(batch_size)
         saved = [a.copy() for a in self._owned_arrays()]
-        indices = (np.arange(batch_size) % len(self.images)).reshape(1, batch_size)
-        self._run(indices, np.zeros(1, self.dtype))
+        indices = np.tile(np.arange(batch_size) % len(self.images), (2, 1))
+        pacer, self.pacer = self.pacer, threads.Pacer(probe=1)  # two steps: one threaded, one not
+        self._run(indices, np.zeros(2, self.dtype))
+        self.pacer = pacer  # the compiling steps' times are not the pacer's business
         for array, copy in zip(self._owned_arrays(), saved):
             np.copyto(array, copy)
         self.predict(self.images[:2])
@@ -227,17 +257,59 @@ class FastTrainer:
         batch_indices = np.ascontiguousarray(batch_indices, dtype=np.intp)  # one index type: one compilation
         buffers = self._buffers_for(batch_size)
         losses = np.empty(steps, self.dtype)
+        if self.whole_epoch:
+            engines = self.engines(batch_size)
+            if self.threads > 1 and np.all(engines == products.NUMBA_GEMM):
+                self._run_paced(batch_indices, rates, losses, buffers, engines)
+                return losses
         with self._threads() as parts:
             if self.whole_epoch:
                 epoch = fused.Epoch(self.images, self.labels, batch_indices, rates, losses)
                 train_steps = fused.train_steps_threaded if parts > 1 else fused.train_steps
-                train_steps(epoch, *self._fused_arguments(buffers), self.batch_norm, parts)
+                if parts == 1 and np.all(engines == products.BLAS):
+                    train_steps = fused.train_steps_blas  # compiled without the GEMM
+                arguments = self._fused_arguments(buffers)
+                train_steps(epoch, *arguments, self.batch_norm, parts, engines, buffers.packed, parts == 1)
                 return losses
             step = self._step_numpy if self.backend == "numpy" else self._step_numba
             with np.errstate(under="ignore"):  # exp(-|x|) underflows to 0 far out: intended
                 for k in range(steps):
                     losses[k] = step(buffers, batch_indices[k], rates[k])
         return losses
+
+    def engines(self, batch_size: int) -> np.ndarray:
+        """The engine of each of a step's products (:data:`numpyside.kernels.products.PRODUCTS`) at this
+        batch size, as :attr:`gemm` says ("auto" with the shared pool or without fused multiply-add
+        in hardware: BLAS)."""
+        choice = gemm_choice.check(self.gemm, "FastTrainer.gemm")
+        if choice == "auto":
+            numba_gemm = self.threads > 1 and not self.shared_pool and gemm.HAS_FMA
+            choice = "numba" if numba_gemm else "blas"
+        if choice != "blas" or self.threads > 1:
+            gemm.register(self.dtype)  # every epoch but train_steps_blas calls it
+        key = (choice, batch_size, self.threads)
+        if key not in self._engines:
+            if choice == "measured":
+                self._engines[key] = gemm_choice.engines(self.dtype, batch_size)
+            else:
+                self._engines[key] = products.engines_all(products.BLAS if choice == "blas" else products.NUMBA_GEMM)
+        return self._engines[key]
+
+    def _run_paced(self, batch_indices, rates, losses, buffers: _StepBuffers, engines: np.ndarray) -> None:
+        """:meth:`_run` with ``threads >= 2`` and every product on the numba GEMM: chunks of steps,
+        each on the threads or on this one as :attr:`pacer` chooses (the same bits)."""
+        arguments = self._fused_arguments(buffers)
+        with threads.numba_parts(self.threads) as parts:
+            k, steps = 0, len(batch_indices)
+            while k < steps:
+                threaded, count = self.pacer.next_chunk() if parts > 1 else (False, steps)
+                stop = min(steps, k + count)
+                epoch = fused.Epoch(self.images, self.labels, batch_indices[k:stop], rates[k:stop], losses[k:stop])
+                train_steps = fused.train_steps_threaded if threaded else fused.train_steps
+                start = time.perf_counter()
+                train_steps(epoch, *arguments, self.batch_norm, parts if threaded else 1, engines, buffers.packed, True)
+                self.pacer.record(threaded, stop - k, time.perf_counter() - start)
+                k = stop
 
     def _threads(self):
         """:func:`numpyside.kernels.threads.limited` to ``self.threads``; the kernels' parts only where a

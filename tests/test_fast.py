@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import numba
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ from compare import training
 from compare.contract import InputError
 from compare.init import init_params, init_state
 from numpyside.fast import FastTrainer
-from numpyside.kernels import blas, fused, threads
+from numpyside.kernels import blas, fused, products, threads
 from numpyside.train import Trainer
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
@@ -120,21 +121,54 @@ def test_fast_trainer_matches_the_reference(data, dtype, batch_norm, backend):
     ],
 )
 def test_bit_identical_to_the_reference(data, dtype, backend, whole_epoch, n_threads, shared_pool):
-    """On one machine the fast path repeats the reference's operations exactly, with as many BLAS
-    threads as the reference: the numba backend with a whole epoch in one call (on one core; on two
+    """On one machine the fast path with ``gemm="blas"`` repeats the reference's operations exactly,
+    with as many BLAS threads as the reference: the numba backend with a whole epoch in one call (on one core; on two
     with its kernels and BLAS's jobs on numba's threads; BLAS on its own two threads and the kernels
     on one) and with np.matmul between the kernels; the NumPy backend."""
     if whole_epoch and not blas.available():
-        pytest.skip(f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
+        pytest.skip(f"numpyside.kernels.blas: {blas.UNAVAILABLE_REASON}")
     if n_threads > 1 and shared_pool and not threads.available():
-        pytest.skip(f"numpyside.threads: {threads.unavailable_reason()}")
+        pytest.skip(f"numpyside.kernels.threads: {threads.unavailable_reason()}")
     reference, fast = make_pair(data, dtype, True, backend)
     fast.whole_epoch, fast.threads, fast.shared_pool = whole_epoch, n_threads, shared_pool
+    fast.gemm = "blas"  # every product on NumPy's BLAS, as the reference's
     for ref_losses, fast_losses in train_both(reference, fast, [128]):
         np.testing.assert_array_equal(fast_losses, ref_losses)
     for a, b in zip(fast.params_numpy() + fast.state_numpy(), reference.params_numpy() + reference.state_numpy()):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numba_gemm_gives_the_same_bits_on_one_thread_and_on_two(data, dtype):
+    """Every product on the numba GEMM (one fma chain per element, whatever the split): the
+    trainer's numbers do not depend on its threads, nor on whether the pacer ran a chunk of steps
+    on them or on one, so it may follow the machine's load without changing the result. Against
+    the reference (BLAS products, summed in another order) they agree within the tolerance."""
+    reference, one = make_pair(data, dtype, True, "numba")
+    _, two = make_pair(data, dtype, True, "numba")
+    one.gemm = two.gemm = "numba"
+    one.threads, two.threads = 1, 2
+    two.pacer = threads.Pacer(chunk=3, probe=2, interval=1, max_interval=1)  # switches modes often
+    ((ref_losses, one_losses),) = train_both(reference, one, [128])
+    rng = training.batch_rng(0)
+    batches = training.epoch_batches(N_TRAIN, 128, rng)
+    rates = training.LearningRateSchedule(0.3, len(batches)).for_epoch(0, len(batches))
+    np.testing.assert_array_equal(two.epoch(batches, rates), one_losses)
+    for a, b in zip(two.params_numpy() + two.state_numpy(), one.params_numpy() + one.state_numpy()):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        assert two.pacer.chunks[True] and two.pacer.chunks[False]  # both modes ran
+    assert np.max(np.abs(one_losses.astype(np.float64) - ref_losses)) <= TOL[dtype]
+    assert max_diff(one.params_numpy(), reference.params_numpy()) <= TOL[dtype]
+
+
+def test_bad_gemm_choice_is_refused(data):
+    _, fast = make_pair(data, "float32", True, "numba")
+    fast.gemm = "mkl"
+    with pytest.raises(ValueError, match=r"FastTrainer\.gemm"):
+        fast.epoch(np.arange(128).reshape(1, 128), np.full(1, 0.1))
 
 
 ONE_THREAD_SCRIPT = """
@@ -177,17 +211,17 @@ def test_threads_from_the_environment(monkeypatch):
     assert threads.default_count() == threads.DEFAULT_THREADS
 
 
-@pytest.mark.skipif(not blas.available(), reason=f"numpyside.blas: {blas.UNAVAILABLE_REASON}")
+@pytest.mark.skipif(not blas.available(), reason=f"numpyside.kernels.blas: {blas.UNAVAILABLE_REASON}")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_gemm_from_numba_is_numpys_matmul(dtype):
-    """fused.matmul / matmul_tn / matmul_nt call NumPy's own BLAS exactly as np.matmul does."""
+    """products.matmul / matmul_tn / matmul_nt call NumPy's own BLAS exactly as np.matmul does."""
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((37, 53)).astype(dtype), rng.standard_normal((53, 29)).astype(dtype)
     d = rng.standard_normal((37, 29)).astype(dtype)
     for kernel, a, b, expected in (
-        (fused.matmul, x, w, x @ w),
-        (fused.matmul_tn, x, d, x.T @ d),
-        (fused.matmul_nt, d, w, d @ w.T),
+        (products.matmul, x, w, x @ w),
+        (products.matmul_tn, x, d, x.T @ d),
+        (products.matmul_nt, d, w, d @ w.T),
     ):
         out = np.full(expected.shape, np.nan, dtype)
         kernel(a, b, out)
@@ -300,7 +334,7 @@ def test_part_bounds_cover_the_range_in_aligned_disjoint_parts(n, parts, align):
     assert all(lo % align == 0 for lo, _ in bounds[1:] if lo < n)
 
 
-@pytest.mark.skipif(not threads.available(), reason=f"numpyside.threads: {threads.unavailable_reason()}")
+@pytest.mark.skipif(not threads.available(), reason=f"numpyside.kernels.threads: {threads.unavailable_reason()}")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_blas_on_numba_threads_gives_the_same_products(dtype):
     """OpenBLAS's jobs run on numba's threads compute exactly what its own threads compute; on exit

@@ -38,7 +38,7 @@ import numpy as np
 
 from compare import contract
 from compare.bench.timing import measure_interleaved
-from numpyside.kernels import blas, fused, jit
+from numpyside.kernels import blas, jit, products
 
 #: The key of the limit (the fastest engine of each round) among the timed callables.
 LIMIT_KEY = ("limit", "fastest")
@@ -159,10 +159,10 @@ def per_step(products: Callable[[int, str], Callable[[], object]]):
 def _numba_blas_steps(steps, x, w, d, z, dw, dx):
     for _ in range(steps):
         for i in range(len(x)):
-            fused.matmul(x[i], w[i], z[i])
-            fused.matmul_tn(x[i], d[i], dw[i])
+            products.matmul(x[i], w[i], z[i])
+            products.matmul_tn(x[i], d[i], dw[i])
             if i:
-                fused.matmul_nt(d[i], w[i], dx[i])
+                products.matmul_nt(d[i], w[i], dx[i])
 
 
 def numba_blas_runner(batch_size: int, dtype: str, steps: int, images=None):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numpyside.kernels import blas, jit
+from numpyside.kernels import jit, products
 from numpyside.kernels import numba_layers as kernels
 
 _jit = jit.njit(fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
@@ -247,82 +247,6 @@ def sgd_momentum(params, velocity, grads, lr, momentum, lo, hi):
         params[k] = params[k] - lr * v
 
 
-# ------------------------------------------------------------------------------------------------
-# Whole stages of a training step, and a whole epoch of steps, in one call, with the products done
-# by NumPy's own BLAS (numpyside.kernels.blas). Only used when numpyside.kernels.blas.available(); the same
-# operations on the same operands as the call-by-call path, so the results are the same bits.
-# ------------------------------------------------------------------------------------------------
-
-
-@_jit
-def _gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, itemsize):
-    """``C = op(A) @ op(B)`` (row-major, ``alpha = 1``, ``beta = 0``) on raw pointers, exactly the
-    call that ``np.matmul`` makes for these operands."""
-    if itemsize == 4:
-        blas.cblas_sgemm(
-            blas.ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1), a, lda, b, ldb, np.float32(0), c, ldc
-        )
-    else:
-        blas.cblas_dgemm(blas.ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a, lda, b, ldb, 0.0, c, ldc)
-
-
-@_jit
-def matmul(x, w, out):
-    """``out = x @ w`` for C-contiguous 2-D arrays."""
-    _gemm(
-        blas.NO_TRANS,
-        blas.NO_TRANS,
-        x.shape[0],
-        w.shape[1],
-        x.shape[1],
-        x.ctypes.data,
-        x.shape[1],
-        w.ctypes.data,
-        w.shape[1],
-        out.ctypes.data,
-        out.shape[1],
-        x.itemsize,
-    )
-
-
-@_jit
-def matmul_tn(x, d, out):
-    """``out = x.T @ d`` (a weight gradient) for C-contiguous 2-D arrays."""
-    _gemm(
-        blas.TRANS,
-        blas.NO_TRANS,
-        x.shape[1],
-        d.shape[1],
-        x.shape[0],
-        x.ctypes.data,
-        x.shape[1],
-        d.ctypes.data,
-        d.shape[1],
-        out.ctypes.data,
-        out.shape[1],
-        x.itemsize,
-    )
-
-
-@_jit
-def matmul_nt(d, w, out):
-    """``out = d @ w.T`` (an input gradient) for C-contiguous 2-D arrays."""
-    _gemm(
-        blas.NO_TRANS,
-        blas.TRANS,
-        d.shape[0],
-        w.shape[0],
-        d.shape[1],
-        d.ctypes.data,
-        d.shape[1],
-        w.ctypes.data,
-        w.shape[1],
-        out.ctypes.data,
-        out.shape[1],
-        d.itemsize,
-    )
-
-
 @_jit
 def part_bounds(n, part, parts, align):
     """``(lo, hi)``: part ``part`` of ``parts`` nearly equal parts of ``range(n)``, the inner
@@ -387,21 +311,30 @@ class Settings(NamedTuple):
     momentum: np.floating
 
 
-def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch_norm, parts):
+def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch_norm, parts, engines, packed, split):
     r"""Step ``k``: train on the batch ``epoch.indices[k]`` with the rate ``epoch.rates[k]``, write
     the loss to ``epoch.losses[k]``. The numba counterpart of ``jaxside.train``'s ``lax.scan``.
 
     A step: gather the batch; per hidden layer ``z = x @ W`` then batch norm + sigmoid; the output
-    layer, softmax and loss; per hidden layer, last first, the sigmoid + batch-norm backward, then
-    ``dW = x.T @ d`` and ``dx = d @ W.T``; the SGD update of all parameters (``p`` and ``g`` are
-    :class:`Layers`, ``velocity`` flat, ``running_*`` (3, n), ``c`` :class:`Settings`). Every
-    kernel's work is split into ``parts`` independent parts, one ``prange`` iteration each: rows of
-    the gather, FEATURES of batch norm (a feature's sum over the batch stays whole, in row order),
-    slices of the flat parameters in SGD: the results do not depend on ``parts``. Compiled twice:
-    :func:`train_steps` (``prange`` is ``range``) and :func:`train_steps_threaded`.
+    layer, softmax and loss, ``dW = x.T @ d``; per hidden layer, last first, ``ds = d_next @
+    W_next.T``, the sigmoid + batch-norm backward and ``dW = x.T @ d``; the SGD update of all
+    parameters (``p`` and ``g`` are :class:`Layers`, ``velocity`` flat, ``running_*`` (3, n), ``c``
+    :class:`Settings`). Product ``j`` (:data:`numpyside.kernels.products.PRODUCTS`) runs on the engine
+    ``engines[j]``; ``packed`` is the numba GEMM's scratch for ``W.T`` (``n * n`` elements).
+
+    Every kernel's work is split into ``parts`` independent parts, one ``prange`` iteration each:
+    rows of the gather, FEATURES of batch norm (a feature's sum over the batch stays whole, in row
+    order), slices of the flat parameters in SGD. With ``split`` (every engine the numba GEMM, or
+    one part) a hidden layer's products are split by the same columns and done inside the same
+    part as its kernels: each part computes its features' ``z``, batch norm and sigmoid, and in the
+    backward its features' ``ds``, ``d`` and ``dW``, with no wait in between (a layer's parts wait
+    for each other once, as the next product needs all of them). Otherwise (BLAS with ``parts > 1``)
+    each product is one call before or after the parts. The results do not depend on ``parts``.
+    Compiled three times: :func:`train_steps` (``prange`` is ``range``), :func:`train_steps_threaded`
+    and :func:`train_steps_blas` (one thread, every product on BLAS).
     """
     n_hidden, n_rows, n = act.z.shape
-    last = n_hidden - 1
+    last, n_out = n_hidden - 1, act.logits.shape[1]
     x, z, s, ds, d = act.x, act.z, act.s, act.ds, act.d
     for k in range(epoch.indices.shape[0]):
         indices = epoch.indices[k]
@@ -410,40 +343,61 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
             gather_rows(epoch.images, indices, x, lo, hi)
         gather_labels(epoch.labels, indices, act.y)
         for i in range(n_hidden):
-            matmul(x if i == 0 else s[i - 1], p.w0 if i == 0 else p.w_hidden[i - 1], z[i])
+            src, w, engine = x if i == 0 else s[i - 1], p.w0 if i == 0 else p.w_hidden[i - 1], engines[i]
+            if not split:
+                products.nn(engine, src, w, z[i], 0, n)
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
+                if split:
+                    products.nn(engine, src, w, z[i], lo, hi)
                 hidden_forward(act, p, running_mean, running_var, i, c.eps, c.keep, c.new, c.unbias, batch_norm, lo, hi)
-        matmul(s[last], p.w_out, act.logits)
+        products.nn(engines[products.FORWARD + n_hidden], s[last], p.w_out, act.logits, 0, n_out)
         epoch.losses[k] = bias_softmax_cross_entropy(act.logits, p.b_out, act.y, act.dlogits, g.b_out)
-        matmul_tn(s[last], act.dlogits, g.w_out)
-        matmul_nt(act.dlogits, p.w_out, ds[last])
+        products.tn(engines[products.WEIGHT_GRADIENT + n_hidden], s[last], act.dlogits, g.w_out, 0, n_out)
         for i in range(last, -1, -1):
+            d_next, w_next = (act.dlogits, p.w_out) if i == last else (d[i + 1], p.w_hidden[i])
+            src, dw = (x, g.w0) if i == 0 else (s[i - 1], g.w_hidden[i - 1])
+            e_dx, e_dw = engines[products.INPUT_GRADIENT + i + 1], engines[products.WEIGHT_GRADIENT + i]
+            if not split:
+                products.nt(e_dx, d_next, w_next, packed, ds[i], 0, n)
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
+                if split:
+                    products.nt(e_dx, d_next, w_next, packed, ds[i], lo, hi)
                 hidden_backward(act, p, g, i, batch_norm, lo, hi)
-            if i == 0:
-                matmul_tn(x, d[0], g.w0)
-            else:
-                matmul_tn(s[i - 1], d[i], g.w_hidden[i - 1])
-                matmul_nt(d[i], p.w_hidden[i - 1], ds[i - 1])
+                if split:
+                    products.tn(e_dw, src, d[i], dw, lo, hi)
+            if not split:
+                products.tn(e_dw, src, d[i], dw, 0, n)
         for part in numba.prange(parts):
             lo, hi = part_bounds(p.flat.shape[0], part, parts, 16)
             sgd_momentum(p.flat, velocity, g.flat, epoch.rates[k], c.momentum, lo, hi)
 
 
-def _copy_named(function, name: str):
-    """``function`` under another name: numba's on-disk cache files a compiled function under its
-    name and line, so the serial and the parallel compilation of one body need two names."""
-    copy = pytypes.FunctionType(
-        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
-    )
+def _copy_named(function, name: str, **globals_):
+    """``function`` under another name (and with ``globals_`` replacing some of its globals):
+    numba's on-disk cache files a compiled function under its name and line, so two compilations
+    of one body need two names."""
+    namespace = dict(function.__globals__, **globals_) if globals_ else function.__globals__
+    copy = pytypes.FunctionType(function.__code__, namespace, name, function.__defaults__, function.__closure__)
     copy.__qualname__ = name
     copy.__doc__ = function.__doc__
     return copy
 
 
+#: :mod:`numpyside.kernels.products` as an epoch with every product on BLAS sees it (the default on one
+#: thread): the same names, BLAS behind each, so that epoch compiles no GEMM code at all.
+_BLAS_PRODUCTS = pytypes.ModuleType("numpyside.kernels.products, BLAS only")
+_BLAS_PRODUCTS.__dict__.update(
+    {name: getattr(products, name) for name in ("FORWARD", "WEIGHT_GRADIENT", "INPUT_GRADIENT")},
+    nn=products.blas_nn,
+    tn=products.blas_tn,
+    nt=products.blas_nt,
+)
+
 train_steps = _jit(_copy_named(_train_steps, "train_steps"))
 train_steps_threaded = jit.njit(parallel=True, fastmath=False, error_model="numpy", nogil=True, boundscheck=False)(
     _copy_named(_train_steps, "train_steps_threaded")
 )
+#: :func:`train_steps` with every product on BLAS (``engines`` is not read)
+train_steps_blas = _jit(_copy_named(_train_steps, "train_steps_blas", products=_BLAS_PRODUCTS))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from numpyside.kernels import blas, fused
+from numpyside.kernels import blas, fused, products
 
 _jit = fused._jit  # one set of numba options for every fused kernel
 
@@ -58,7 +58,7 @@ def gemm(trans_a, trans_b, m, n, k, a, a_offset, lda, b, b_offset, ldb, c, c_off
     """``C = op(A) @ op(B)`` where ``A`` starts ``a_offset`` elements into ``a`` with leading
     dimension ``lda`` (row-major), and so on: a member's block of a wider array."""
     item = a.itemsize
-    fused._gemm(
+    products._gemm(
         trans_a,
         trans_b,
         m,
@@ -120,7 +120,7 @@ def train_steps(epoch, act, p, g, p_sgd, v_sgd, g_sgd, running_mean, running_var
         if shared:
             fused.gather_rows(epoch.images, epoch.indices[k, 0], x, 0, n_rows)
             fused.gather_labels(epoch.labels, epoch.indices[k, 0], act.y)
-            fused.matmul(x, p.w0, z[0])
+            products.matmul(x, p.w0, z[0])
         for m in range(n_members):
             lo, hi = m * n, (m + 1) * n
             if not shared:  # into the one buffer, right before the member's two products read it
@@ -147,7 +147,7 @@ def train_steps(epoch, act, p, g, p_sgd, v_sgd, g_sgd, running_mean, running_var
                     gemm(T, NO, n, n, n_rows, s[i - 1], lo, width, d[i], lo, width, g.w_hidden[i - 1, m], 0, n)
                     gemm(NO, T, n_rows, n, n, d[i], lo, width, p.w_hidden[i - 1, m], 0, n, ds[i - 1], lo, width)
         if shared:
-            fused.matmul_tn(x, d[0], g.w0)
+            products.matmul_tn(x, d[0], g.w0)
         rates = epoch.rates[k]
         for block in range(len(p_sgd)):
             sgd_members(p_sgd[block], v_sgd[block], g_sgd[block], rates, c.momentum)

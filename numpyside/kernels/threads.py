@@ -11,7 +11,12 @@ With ``count >= 2`` and ``shared_pool``, OpenBLAS's parallel jobs run on numba's
 runs ``dojob(i, jobdata + i * jobdata_elsize, dojob_data)`` for ``i < numjobs`` as a ``prange``.
 BLAS and the kernels of :mod:`numpyside.kernels.fused` then share one pool, and each product's jobs are
 OpenBLAS's own jobs (the same bits, ``tests/test_fast.py``). :func:`available` says whether this
-works here. Measurements: ``docs/performance.md``.
+works here.
+
+:func:`numba_parts` holds OpenBLAS to one thread and gives numba's parallel regions ``count``
+threads (the fast trainer's mode with the numba GEMM), and :class:`Pacer` decides, chunk of steps
+by chunk, whether those parts run on the threads or one after another. Measurements:
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -179,3 +184,66 @@ def blas_on_numba_threads():
         raise RuntimeError(f"numpyside.kernels.threads is not available: {unavailable_reason()}")
     with limited(numba.config.NUMBA_NUM_THREADS):
         yield
+
+
+@contextlib.contextmanager
+def numba_parts(count: int):
+    """Inside: NumPy's OpenBLAS on one thread, numba's parallel regions on ``count`` threads (at
+    most ``NUMBA_NUM_THREADS``). Yields that number of parts."""
+    with limited(1):
+        parts = max(1, min(count, numba.config.NUMBA_NUM_THREADS))
+        previous = numba.get_num_threads()  # starts numba's threads
+        numba.set_num_threads(parts)
+        try:
+            yield parts
+        finally:
+            numba.set_num_threads(previous)
+
+
+class Pacer:
+    """Chooses, chunk of steps by chunk, whether a step's parts run on their threads or one after
+    another on the calling thread (the same operations either way, so the same bits).
+
+    On a machine where another process holds a core, every part waits at the end of each region
+    for a thread that the scheduler has set aside for a time slice (milliseconds, against a step of
+    a fraction of one), and threads lose to one thread several times over. The pacer keeps, per
+    mode, an average of the seconds per step it measured, runs the faster mode, and tries the
+    other one on a short chunk now and then (its figure replaces the stale one): first after
+    :attr:`interval` chunks, then, while it keeps losing, after twice as many (up to
+    :attr:`max_interval`), so that a busy machine pays little for the tries and a machine that
+    became idle is noticed within about a second.
+    """
+
+    def __init__(self, chunk: int = 32, probe: int = 4, interval: int = 4, max_interval: int = 64):
+        self.chunk, self.probe, self.base_interval, self.max_interval = chunk, probe, interval, max_interval
+        self.interval = interval
+        self.seconds_per_step = {True: None, False: None}  # threaded -> running average
+        self.since_probe = 0
+        self.chunks = {True: 0, False: 0}  # chunks run per mode (what the bench may report)
+
+    def next_chunk(self) -> tuple[bool, int]:
+        """``(threaded, steps)`` of the next chunk."""
+        pace = self.seconds_per_step
+        for mode in (True, False):  # measure each mode once, on a short chunk
+            if pace[mode] is None:
+                return mode, self.probe
+        best = pace[True] <= pace[False]
+        if self.since_probe >= self.interval:
+            return not best, self.probe
+        return best, self.chunk
+
+    def record(self, threaded: bool, steps: int, seconds: float) -> None:
+        """A chunk of ``steps`` ran ``threaded`` (or not) in ``seconds``."""
+        pace = self.seconds_per_step
+        known = pace[True] is not None and pace[False] is not None
+        was_best = known and (pace[True] <= pace[False]) == threaded
+        per_step = seconds / max(steps, 1)
+        fresh = pace[threaded] is None or (known and not was_best)  # a try replaces a stale figure
+        pace[threaded] = per_step if fresh else 0.5 * pace[threaded] + 0.5 * per_step
+        self.chunks[threaded] += 1
+        if known and not was_best:  # a try of the other mode
+            self.since_probe = 0
+            still_losing = (pace[True] <= pace[False]) != threaded
+            self.interval = min(2 * self.interval, self.max_interval) if still_losing else self.base_interval
+        else:
+            self.since_probe += 1
