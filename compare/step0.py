@@ -39,30 +39,31 @@ def _row(quantity, jax_value, numpy_value, tol) -> Row:
     )
 
 
-def step0_rows(jax_side, numpy_side, params, state, images, labels) -> list[Row]:
-    """Compare logits, loss, every gradient and the new running statistics on one batch."""
+def side_values(side, params, state, images, labels) -> dict:
+    """One side's step-0 quantities by row name: logits, loss, every gradient, the new running statistics."""
+    values = {
+        "logits (train mode)": side.train_logits(params, state, images),
+        "logits (eval mode)": side.predict_logits(params, state, images),
+    }
+    loss, grads, new_state = side.loss_and_grads(params, state, images, labels)
+    values["loss"] = loss
+    for i, layer in enumerate(grads):
+        values |= {f"grad layer {i} {key}": layer[key] for key in layer}
+    for i, layer in enumerate(new_state):
+        values |= {f"running {key} {i}": layer[key] for key in ("mean", "var")}
+    return values
+
+
+def step0_rows(jax_side, numpy_side, params, state, images, labels, *, numpy_ready=None) -> list[Row]:
+    """Compare logits, loss, every gradient and the new running statistics on one batch. The JAX
+    side runs first; ``numpy_ready()``, if given, is called before the NumPy side (a run waits there
+    for its kernels' background compilation, :mod:`numpyside.warmup`)."""
     tol = tolerances.STEP0[np.dtype(params[0]["weight"].dtype)]
-    rows = [
-        _row(
-            "logits (train mode)",
-            jax_side.train_logits(params, state, images),
-            numpy_side.train_logits(params, state, images),
-            tol,
-        ),
-        _row(
-            "logits (eval mode)",
-            jax_side.predict_logits(params, state, images),
-            numpy_side.predict_logits(params, state, images),
-            tol,
-        ),
+    jax_values = side_values(jax_side, params, state, images, labels)
+    if numpy_ready is not None:
+        numpy_ready()
+    numpy_values = side_values(numpy_side, params, state, images, labels)
+    return [
+        _row(name + (jax_side.state_note if name.startswith("running") else ""), value, numpy_values[name], tol)
+        for name, value in jax_values.items()
     ]
-    jax_loss, jax_grads, jax_state = jax_side.loss_and_grads(params, state, images, labels)
-    np_loss, np_grads, np_state = numpy_side.loss_and_grads(params, state, images, labels)
-    rows.append(_row("loss", jax_loss, np_loss, tol))
-    for i, (jax_layer, np_layer) in enumerate(zip(jax_grads, np_grads)):
-        for key in jax_layer:
-            rows.append(_row(f"grad layer {i} {key}", jax_layer[key], np_layer[key], tol))
-    for i, (jax_layer, np_layer) in enumerate(zip(jax_state, np_state)):
-        for key in ("mean", "var"):
-            rows.append(_row(f"running {key} {i}{jax_side.state_note}", jax_layer[key], np_layer[key], tol))
-    return rows

@@ -189,17 +189,30 @@ class FastTrainer:
         #: whichever it measures faster (the same bits either way; :class:`numpyside.kernels.threads.Pacer`)
         self.pacer = threads.Pacer()
         self._engines: dict[tuple[str, int, int], np.ndarray] = {}
+        self._background = None  # a warm-up still compiling the whole-epoch kernel (see compile)
 
     # ----------------------------------------------------------------------------------------
     # the interface of numpyside.train.Trainer
     # ----------------------------------------------------------------------------------------
 
-    def compile(self, steps: int, batch_size: int) -> float:
+    def compile(self, steps: int, batch_size: int, background=None) -> float:
         """Allocate the buffers for ``batch_size`` and run one throw-away step, so that numba has
         loaded (or compiled) its kernels for this dtype before timing starts. Nothing is updated:
-        parameters, velocities and running statistics are restored afterwards. Returns seconds."""
+        parameters, velocities and running statistics are restored afterwards. Returns seconds.
+
+        ``background``: a :class:`numpyside.warmup.Warmup` compiling these kernels in another
+        process; its phases are waited for instead of compiled here. Where running kernel by
+        kernel gives the same bits as a whole epoch in one call (one thread, every product on
+        NumPy's BLAS), only the kernels are waited for, and epochs run kernel by kernel until the
+        whole-epoch kernel is ready."""
         start = time.perf_counter()
         self._check_batch_size(batch_size)
+        if background is not None and self.whole_epoch:
+            if self._same_bits_kernel_by_kernel() and not background.ready("trainer"):
+                background.wait("kernels")
+                self._background = background
+            else:
+                background.wait("trainer")
         saved = [a.copy() for a in self._owned_arrays()]
         indices = np.tile(np.arange(batch_size) % len(self.images), (2, 1))
         pacer, self.pacer = self.pacer, threads.Pacer(probe=1)  # two steps: one threaded, one not
@@ -257,13 +270,14 @@ class FastTrainer:
         batch_indices = np.ascontiguousarray(batch_indices, dtype=np.intp)  # one index type: one compilation
         buffers = self._buffers_for(batch_size)
         losses = np.empty(steps, self.dtype)
-        if self.whole_epoch:
+        whole_epoch = self.whole_epoch and self._whole_epoch_ready()
+        if whole_epoch:
             engines = self.engines(batch_size)
             if self.threads > 1 and np.all(engines == products.NUMBA_GEMM):
                 self._run_paced(batch_indices, rates, losses, buffers, engines)
                 return losses
         with self._threads() as parts:
-            if self.whole_epoch:
+            if whole_epoch:
                 epoch = fused.Epoch(self.images, self.labels, batch_indices, rates, losses)
                 train_steps = fused.train_steps_threaded if parts > 1 else fused.train_steps
                 if parts == 1 and np.all(engines == products.BLAS):
@@ -294,6 +308,17 @@ class FastTrainer:
             else:
                 self._engines[key] = products.engines_all(products.BLAS if choice == "blas" else products.NUMBA_GEMM)
         return self._engines[key]
+
+    def _same_bits_kernel_by_kernel(self) -> bool:
+        """Whether a step driven kernel by kernel from Python does exactly what the whole-epoch
+        kernel does: on one thread with every product on NumPy's BLAS."""
+        return self.threads == 1 and gemm_choice.check(self.gemm, "FastTrainer.gemm") in ("auto", "blas")
+
+    def _whole_epoch_ready(self) -> bool:
+        """False while a background warm-up still compiles the whole-epoch kernel (see :meth:`compile`)."""
+        if self._background is not None and self._background.ready("trainer"):
+            self._background = None
+        return self._background is None or not self._same_bits_kernel_by_kernel()
 
     def _run_paced(self, batch_indices, rates, losses, buffers: _StepBuffers, engines: np.ndarray) -> None:
         """:meth:`_run` with ``threads >= 2`` and every product on the numba GEMM: chunks of steps,

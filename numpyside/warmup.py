@@ -3,19 +3,25 @@ r"""Compile the NumPy side's numba kernels in a second process while this one do
 numba compiles a kernel the first time it is called with new argument types and keeps the machine
 code in its on-disk cache (``cache=True``); a later process loads it in milliseconds. On a cold
 cache (a fresh clone, a new numba version or CPU), compiling what one ``compare/run.py`` calls
-takes several seconds of one core, during which the comparison would wait. :func:`start` runs
+takes about 14 s of one core, during which the comparison would wait. :func:`start` runs
 ``python -m numpyside.warmup`` in the background, which calls the same functions with the same
-argument types on a few synthetic images and so fills the cache. Its phase ``trainer`` compiles
-:class:`numpyside.fast.FastTrainer`'s whole-epoch kernels (``compile``, which also measures the
-products' engines, :mod:`numpyside.kernels.gemm_choice`): the most compiling a run does, and the last the
-run needs. The caller meanwhile imports JAX, loads MNIST, compiles the readable model's kernels for
-the step-0 table itself (the two processes split the compiling between the two cores) and the JAX
-side, and calls :meth:`Warmup.wait` before the trainer's first call, so that its kernels come from
-the cache instead of being compiled a second time. (A phase ``model`` compiles the readable
-model's kernels, for callers that want those in the background too.) Only what the run uses is
+argument types on a few synthetic images and so fills the cache, in the order the run needs them
+(:data:`PHASES`):
+
+1. ``model``: the readable model's kernels (:mod:`numpyside.model` with ``backend="numba"``),
+   which the step-0 table and every ``predict`` call;
+2. ``kernels``: :class:`numpyside.fast.FastTrainer`'s kernels one by one, the step that Python
+   drives kernel by kernel;
+3. ``trainer``: its whole-epoch kernel (one numba call per epoch), the slowest to compile by far.
+
+The caller meanwhile imports JAX, loads MNIST and compiles the JAX side, and calls
+:meth:`Warmup.wait` before it first needs a phase, so that the kernels come from the cache instead
+of being compiled a second time; :meth:`Warmup.ready` asks without waiting, which lets a trainer
+run its first epochs kernel by kernel while the whole-epoch kernel still compiles (the same
+operations in the same order: the same bits, ``tests/test_fast.py``). Only what the run uses is
 compiled: its dtype, batch norm on or off. If the second process fails or cannot start, ``wait``
-returns and the caller compiles as it would have anyway: the warm-up changes when the compiling
-happens, never what is computed.
+returns False and the caller compiles as it would have anyway: the warm-up changes when the
+compiling happens, never what is computed.
 """
 
 from __future__ import annotations
@@ -24,56 +30,70 @@ import argparse
 import os
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
 
-#: The phases, in the order the background process compiles them (each line it prints is one).
-PHASES = ("trainer",)
-#: Every phase :func:`compile_phase` knows.
-KNOWN_PHASES = ("trainer", "model")
+#: The phases, in the order the background process compiles them (it prints each one's name when
+#: it is done).
+PHASES = ("model", "kernels", "trainer")
 #: Seconds :meth:`Warmup.wait` waits for a phase at most before the caller compiles it itself.
 WAIT_LIMIT_S = 300.0
 
 
+def check_phase(phase: str) -> str:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    return phase
+
+
 class Warmup:
-    """A background ``python -m numpyside.warmup`` and the phases it has finished."""
+    """A background ``python -m numpyside.warmup`` and the phases it has finished (a thread reads
+    the lines it prints)."""
 
     def __init__(self, process: subprocess.Popen | None):
         self.process = process
         self.done: set[str] = set()
-        self.waited_s = 0.0  # seconds the caller spent in wait()
+        self._changed = threading.Condition()
+        self._ended = process is None
+        if process is not None:
+            threading.Thread(target=self._follow, args=(process,), daemon=True).start()
+
+    def _follow(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:  # one line per finished phase, until the process ends
+            with self._changed:
+                self.done.add(line.strip())
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def ready(self, phase: str) -> bool:
+        """Whether ``phase``'s kernels are in the cache now (never blocks)."""
+        return check_phase(phase) in self.done
 
     def wait(self, phase: str) -> bool:
         """Block until the background process has compiled ``phase`` (True), or has ended without
         it or took longer than :data:`WAIT_LIMIT_S` (False: the caller compiles it itself)."""
-        if phase not in KNOWN_PHASES:
-            raise ValueError(f"phase must be one of {KNOWN_PHASES}, got {phase!r}")
-        start = time.perf_counter()
-        try:
-            while phase not in self.done and self.process is not None:
-                line = self.process.stdout.readline()  # one line per finished phase
-                if not line:  # the process ended
-                    self.close()
-                    break
-                self.done.add(line.strip())
-                if time.perf_counter() - start > WAIT_LIMIT_S:
-                    self.close()
-                    break
-        finally:
-            self.waited_s += time.perf_counter() - start
+        check_phase(phase)
+        with self._changed:
+            finished = self._changed.wait_for(lambda: phase in self.done or self._ended, timeout=WAIT_LIMIT_S)
+        if not finished or phase not in self.done:
+            self.close()
         return phase in self.done
 
     def close(self) -> None:
         """End the background process (if it still runs) and reap it."""
-        if self.process is None:
+        process, self.process = self.process, None
+        if process is None:
             return
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.process.stdout.close()
-        self.process = None
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
 
 def _in_cache(dtype: np.dtype) -> bool:
@@ -123,7 +143,7 @@ def _synthetic_data(dtype: np.dtype, batch_norm: bool, n: int = 256):
 
     rng = np.random.default_rng(0)
     images = rng.random((n, LAYER_SIZES[0])).astype(dtype)
-    labels = rng.integers(0, LAYER_SIZES[-1], n).astype(np.uint8)  # MNIST's label type
+    labels = rng.integers(0, LAYER_SIZES[-1], n).astype(np.int32)  # compare.mnist's label type
     params = [
         {key: (0.1 * rng.standard_normal(shape)).astype(dtype) for key, shape in layer.items()}
         for layer in param_shapes(batch_norm)
@@ -134,6 +154,7 @@ def _synthetic_data(dtype: np.dtype, batch_norm: bool, n: int = 256):
 
 def compile_phase(phase: str, dtype: np.dtype, batch_norm: bool) -> None:
     """Call ``phase``'s kernels once with the run's argument types (see the module docstring)."""
+    check_phase(phase)
     params, state, images, labels = _synthetic_data(dtype, batch_norm)
     batch = images[:128]
     if phase == "model":
@@ -142,19 +163,19 @@ def compile_phase(phase: str, dtype: np.dtype, batch_norm: bool) -> None:
         model.loss_and_grads(params, state, batch, labels[:128], backend="numba")
         model.train_logits(params, state, batch, backend="numba")
         model.predict_logits(params, state, batch, backend="numba")
-    elif phase == "trainer":
+    else:
         from numpyside.fast import FastTrainer
 
-        FastTrainer(params, state, images, labels, momentum=0.9, backend="numba").compile(1, 128)
-    else:
-        raise ValueError(f"phase must be one of {KNOWN_PHASES}, got {phase!r}")
+        trainer = FastTrainer(params, state, images, labels, momentum=0.9, backend="numba")
+        trainer.whole_epoch = trainer.whole_epoch and phase == "trainer"
+        trainer.compile(1, 128)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m numpyside.warmup", description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--no-batch-norm", action="store_true")
-    parser.add_argument("--phases", nargs="+", choices=KNOWN_PHASES, default=list(PHASES))
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     args = parser.parse_args(argv)
     for phase in args.phases:
         compile_phase(phase, np.dtype(args.dtype), not args.no_batch_norm)

@@ -354,3 +354,59 @@ def test_predict_refuses_bad_images(data):
     _, fast = make_pair(data, "float32", True, "numba")
     with pytest.raises(InputError, match="784"):
         fast.predict(np.zeros((3, 783), np.float32))
+
+
+class _CompilingElsewhere:
+    """A stand-in for :class:`numpyside.warmup.Warmup`: every phase is ready but the whole-epoch
+    kernel, until the test sets ``trainer_ready``."""
+
+    def __init__(self):
+        self.trainer_ready, self.waited = False, []
+
+    def ready(self, phase):
+        return phase != "trainer" or self.trainer_ready
+
+    def wait(self, phase):
+        self.waited.append(phase)
+        return True
+
+
+@pytest.mark.skipif(not blas.available(), reason=f"numpyside.kernels.blas: {blas.UNAVAILABLE_REASON}")
+def test_first_epochs_kernel_by_kernel_while_the_whole_epoch_compiles_give_the_same_bits(data, monkeypatch):
+    """``compile(background=...)``: on one thread, epochs run kernel by kernel until the background
+    has the whole-epoch kernel, then in one call; the parameters are the same bits as a trainer
+    that ran every epoch in one call."""
+    whole_epoch_calls = []
+    blas_epoch = fused.train_steps_blas
+    monkeypatch.setattr(fused, "train_steps_blas", lambda *a: whole_epoch_calls.append(1) or blas_epoch(*a))
+    _, staged = make_pair(data, "float32", True, "numba")
+    _, plain = make_pair(data, "float32", True, "numba")
+    background = _CompilingElsewhere()
+    staged.compile(N_TRAIN // 128, 128, background=background)
+    assert background.waited == ["kernels"]
+    plain.compile(N_TRAIN // 128, 128)
+    whole_epoch_calls.clear()
+    rng_a, rng_b = training.batch_rng(0), training.batch_rng(0)
+    calls_per_epoch = []
+    for epoch in range(4):
+        batches = training.epoch_batches(N_TRAIN, 128, rng_a)
+        np.testing.assert_array_equal(batches, training.epoch_batches(N_TRAIN, 128, rng_b))
+        rates = training.LearningRateSchedule(0.3, 4 * len(batches)).for_epoch(epoch, len(batches))
+        background.trainer_ready = epoch >= 2
+        before = len(whole_epoch_calls)
+        np.testing.assert_array_equal(staged.epoch(batches, rates), plain.epoch(batches, rates))
+        calls_per_epoch.append(len(whole_epoch_calls) - before)
+    assert calls_per_epoch == [1, 1, 2, 2]  # staged: kernel by kernel in epochs 1-2, then one call
+    for a, b in zip(staged.params_numpy() + staged.state_numpy(), plain.params_numpy() + plain.state_numpy()):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_compile_waits_for_the_whole_epoch_where_kernel_by_kernel_would_change_the_bits(data):
+    """With two threads the whole-epoch path puts the products on the numba GEMM, which sums in
+    another order than BLAS: no kernel-by-kernel epochs then, ``compile`` waits for the trainer."""
+    _, fast = make_pair(data, "float32", True, "numba")
+    fast.threads = 2
+    background = _CompilingElsewhere()
+    fast.compile(N_TRAIN // 128, 128, background=background)
+    assert background.waited == (["trainer"] if fast.whole_epoch else [])

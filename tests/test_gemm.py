@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
@@ -124,24 +122,3 @@ def test_pacer_runs_the_faster_mode_and_backs_off_its_tries():
 def test_pacer_stays_threaded_on_an_idle_machine():
     modes = drive(threads.Pacer(interval=4), {True: 0.6e-3, False: 1e-3}, 100)
     assert modes.count(False) <= 100 // 4 + 1  # short tries of one thread only
-
-
-def fake_warmup(script: str):
-    from numpyside import warmup
-
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    return warmup.Warmup(process)
-
-
-def test_warmup_wait_follows_the_background_process():
-    """``Warmup.wait`` returns True once the process printed the phase, False if it ended without
-    it (the caller then compiles itself); the process is reaped either way."""
-    done = fake_warmup("print('trainer', flush=True)")
-    assert done.wait("trainer") and done.wait("trainer")
-    done.close()
-    assert done.process is None
-    failed = fake_warmup("raise SystemExit(3)")
-    assert not failed.wait("trainer")
-    assert failed.process is None
-    with pytest.raises(ValueError, match="phase"):
-        failed.wait("everything")
