@@ -195,7 +195,7 @@ class FastTrainer:
     # the interface of numpyside.train.Trainer
     # ----------------------------------------------------------------------------------------
 
-    def compile(self, steps: int, batch_size: int, background=None) -> float:
+    def compile(self, steps: int, batch_size: int, *, background=None) -> float:
         """Allocate the buffers for ``batch_size`` and run one throw-away step, so that numba has
         loaded (or compiled) its kernels for this dtype before timing starts. Nothing is updated:
         parameters, velocities and running statistics are restored afterwards. Returns seconds.

@@ -38,7 +38,7 @@ import numpy as np
 
 from compare import contract
 from compare.bench.timing import measure_interleaved
-from numpyside.kernels import blas, jit, products
+from numpyside.kernels import blas, gemm, jit, products
 
 #: The key of the limit (the fastest engine of each round) among the timed callables.
 LIMIT_KEY = ("limit", "fastest")
@@ -186,6 +186,49 @@ def numpy_square(n: int, dtype: str):
 
 
 # ------------------------------------------------------------------------------------------------
+# The NumPy side's own GEMM (numpyside.kernels.gemm), the fast trainer's other engine
+# ------------------------------------------------------------------------------------------------
+
+
+@jit.njit(fastmath=False, nogil=True)
+def _numba_gemm_steps(steps, x, w, d, z, dw, dx, packed):
+    for _ in range(steps):
+        for i in range(len(x)):
+            gemm.nn(x[i], w[i], z[i], 0, z[i].shape[1])
+            gemm.tn(x[i], d[i], dw[i], 0, dw[i].shape[1])
+            if i:
+                gemm.nt(d[i], w[i], packed, dx[i], 0, dx[i].shape[1])
+
+
+def numba_gemm_runner(batch_size: int, dtype: str, steps: int, images=None):
+    """``steps`` steps of the products in one numba call, each on the register-blocked numba GEMM
+    (:mod:`numpyside.kernels.gemm`) over all its columns, as the fast trainer runs them with
+    ``gemm="numba"`` on one thread."""
+    gemm.register(dtype)
+    ops = operands(batch_size, dtype)
+    packed = np.empty(max(w.size for w in ops.w), dtype)  # nt's copy of W.T
+    _numba_gemm_steps(1, *ops, packed)  # compile for the dtype
+
+    def run():
+        _numba_gemm_steps(steps, *ops, packed)
+
+    return run
+
+
+def numba_gemm_square(n: int, dtype: str):
+    gemm.register(dtype)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+    out = np.empty((n, n), dtype)
+    gemm.nn(a, b, out, 0, n)  # compile
+    return lambda: gemm.nn(a, b, out, 0, n)
+
+
+def _numba_gemm_missing() -> str:
+    return "" if gemm.HAS_FMA else "the numba GEMM needs fused multiply-add, which this CPU lacks"
+
+
+# ------------------------------------------------------------------------------------------------
 # XLA's dot
 # ------------------------------------------------------------------------------------------------
 
@@ -272,6 +315,14 @@ ENGINES = (
         None,  # the same library as numpy-blas: the same peak
         dict(color="#8c564b", linestyle=":", marker=".", linewidth=1.2),
         _numba_blas_missing,
+    ),
+    Engine(
+        "numba-gemm",
+        "the NumPy side's own GEMM (numba)",
+        numba_gemm_runner,
+        numba_gemm_square,
+        dict(color="#9467bd", linestyle=":", marker=".", linewidth=1.2),
+        _numba_gemm_missing,
     ),
     Engine(
         "xla-dot",
