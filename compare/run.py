@@ -31,10 +31,12 @@ __all__ = ["main", "parse_args"]
 
 def numba_warmup(args):
     """The background compilation of the NumPy side's numba kernels for this run's dtype
-    (:mod:`numpyside.warmup`), or None where the run compiles none."""
+    (:mod:`numpyside.warmup`), or None where the run compiles none. A ``--quick`` run trains kernel
+    by kernel throughout (the same bits): its whole-epoch kernel would be ready only after the run."""
     if args.backend != "numba" or args.reference_trainer:
         return None
-    return warmup_module.start(args.dtype, batch_norm=not args.no_batch_norm)
+    phases = tuple(p for p in warmup_module.PHASES if p != "trainer") if args.quick else warmup_module.PHASES
+    return warmup_module.start(args.dtype, batch_norm=not args.no_batch_norm, phases=phases)
 
 
 def main(argv=None) -> int:

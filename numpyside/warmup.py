@@ -19,7 +19,9 @@ The caller meanwhile imports JAX, loads MNIST and compiles the JAX side, and cal
 of being compiled a second time; :meth:`Warmup.ready` asks without waiting, which lets a trainer
 run its first epochs kernel by kernel while the whole-epoch kernel still compiles (the same
 operations in the same order: the same bits, ``tests/test_fast.py``). Only what the run uses is
-compiled: its dtype, batch norm on or off. If the second process fails or cannot start, ``wait``
+compiled: its dtype, batch norm on or off, and its phases (a ``--quick`` run needs no whole-epoch
+kernel). A completed phase leaves a marker file in numba's cache directory (:func:`_marker`), and a
+later warm-up reports it at once instead of loading its kernels. If the second process fails or cannot start, ``wait``
 returns False and the caller compiles as it would have anyway: the warm-up changes when the
 compiling happens, never what is computed.
 """
@@ -27,6 +29,7 @@ compiling happens, never what is computed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -52,8 +55,9 @@ class Warmup:
     """A background ``python -m numpyside.warmup`` and the phases it has finished (a thread reads
     the lines it prints)."""
 
-    def __init__(self, process: subprocess.Popen | None):
+    def __init__(self, process: subprocess.Popen | None, phases=PHASES):
         self.process = process
+        self.phases = tuple(check_phase(phase) for phase in phases)  # what it compiles, in order
         self.done: set[str] = set()
         self._changed = threading.Condition()
         self._ended = process is None
@@ -75,8 +79,10 @@ class Warmup:
 
     def wait(self, phase: str) -> bool:
         """Block until the background process has compiled ``phase`` (True), or has ended without
-        it or took longer than :data:`WAIT_LIMIT_S` (False: the caller compiles it itself)."""
-        check_phase(phase)
+        it or took longer than :data:`WAIT_LIMIT_S`, or does not compile it (False: the caller
+        compiles it itself)."""
+        if check_phase(phase) not in self.phases:
+            return False
         with self._changed:
             finished = self._changed.wait_for(lambda: phase in self.done or self._ended, timeout=WAIT_LIMIT_S)
         if not finished or phase not in self.done:
@@ -96,36 +102,14 @@ class Warmup:
             self._changed.notify_all()
 
 
-def _in_cache(dtype: np.dtype) -> bool:
-    """Whether numba's on-disk cache holds, for this CPU and ``dtype``, the trainer's epoch (the
-    kernel that takes longest to compile): then the warm-up would only cost a process start. Reads
-    numba's cache index (``Dispatcher._cache``, not public API): any surprise counts as "no"."""
-    from numba.core.registry import cpu_target
-
-    from numpyside.kernels import fused, threads
-
-    try:
-        magic = cpu_target.target_context.codegen().magic_tuple()
-        for dispatcher in (fused.train_steps_blas if threads.default_count() == 1 else fused.train_steps,):
-            index = dispatcher._cache._cache_file._load_index()
-            if not any(key[1] == magic and f"({dtype.name}," in str(key[0]) for key in index):
-                return False
-        return True
-    except Exception:  # an internal API changed: compile in the background
-        return False
-
-
-def start(dtype, batch_norm: bool = True) -> Warmup:
-    """Start compiling, in a second process, the kernels that a run in ``dtype`` calls (nothing
-    starts when numba's cache has them already)."""
-    if _in_cache(np.dtype(dtype)):
-        warmup = Warmup(None)
-        warmup.done.update(PHASES)
-        return warmup
+def start(dtype, batch_norm: bool = True, phases=PHASES) -> Warmup:
+    """Start compiling, in a second process, ``phases`` of the kernels that a run in ``dtype`` calls
+    (the process reports a phase that an earlier warm-up completed at once, :func:`_marker`)."""
+    phases = tuple(check_phase(phase) for phase in phases)
     root = Path(__file__).resolve().parents[1]  # the repository: what this process imports
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
-    command = [sys.executable, "-m", "numpyside.warmup", "--dtype", np.dtype(dtype).name]
+    command = [sys.executable, "-m", "numpyside.warmup", "--dtype", np.dtype(dtype).name, "--phases", *phases]
     if not batch_norm:
         command.append("--no-batch-norm")
     try:
@@ -134,7 +118,23 @@ def start(dtype, batch_norm: bool = True) -> Warmup:
         )
     except OSError:
         process = None
-    return Warmup(process)
+    return Warmup(process, phases)
+
+
+def _marker(phase: str, dtype: np.dtype, batch_norm: bool) -> Path | None:
+    """The file that says ``phase`` was compiled completely into numba's cache for this CPU, dtype
+    and batch-norm setting: in the cache directory of :mod:`numpyside.kernels` (which
+    :mod:`numpyside.kernels.jit` keys by the kernels' sources, so a changed kernel drops it), named
+    after numba's identification of the CPU. None where nothing is cached."""
+    from numba.core.registry import cpu_target
+
+    from numpyside.kernels import jit
+
+    directory = jit.cache_dir(Path(jit.__file__).resolve().parent)
+    if directory is None:
+        return None
+    cpu = hashlib.sha256(repr(cpu_target.target_context.codegen().magic_tuple()).encode()).hexdigest()[:16]
+    return directory / f"warmup-{cpu}-{dtype.name}-{'bn' if batch_norm else 'plain'}-{phase}.done"
 
 
 def _synthetic_data(dtype: np.dtype, batch_norm: bool, n: int = 256):
@@ -177,8 +177,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-batch-norm", action="store_true")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     args = parser.parse_args(argv)
+    dtype, batch_norm = np.dtype(args.dtype), not args.no_batch_norm
     for phase in args.phases:
-        compile_phase(phase, np.dtype(args.dtype), not args.no_batch_norm)
+        marker = _marker(phase, dtype, batch_norm)
+        if marker is None or not marker.exists():
+            compile_phase(phase, dtype, batch_norm)
+            if marker is not None:
+                marker.touch()
         print(phase, flush=True)
     return 0
 

@@ -84,6 +84,21 @@ print(json.dumps({"hits": hits, "misses": misses}))
 """
 
 
+#: The warm-up's main with ``compile_phase`` made to fail: exit status 9 if any phase is compiled.
+_COMPILING_EXITS = """
+import os, sys
+from numpyside import warmup
+warmup.compile_phase = lambda *args: os._exit(9)
+sys.exit(warmup.main(["--dtype", "float32"]))
+"""
+
+
+def test_a_phase_that_is_not_compiled_is_not_waited_for():
+    """A warm-up started without ``trainer`` (a ``--quick`` run) answers ``wait("trainer")`` at once."""
+    partial = warmup.Warmup(None, phases=("model", "kernels"))
+    assert not partial.wait("trainer") and not partial.ready("trainer")
+
+
 def test_the_warmup_compiles_exactly_the_signatures_a_run_calls(tmp_path):
     """After ``python -m numpyside.warmup`` on an empty cache, a run's NumPy side (step 0, the fast
     trainer's compile, an epoch, predict) loads every kernel from the cache: the synthetic
@@ -99,6 +114,17 @@ def test_the_warmup_compiles_exactly_the_signatures_a_run_calls(tmp_path):
     )
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout.split() == list(warmup.PHASES)
+    # a second warm-up finds every phase marked done and compiles (or loads) nothing
+    again = subprocess.run(
+        [sys.executable, "-c", _COMPILING_EXITS],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == list(warmup.PHASES)
     run = subprocess.run(
         [sys.executable, "-c", _RUN_LIKE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
     )

@@ -37,6 +37,7 @@ class Implementation:
     quick: bool = True  # timed in --quick runs too
     epoch: bool = False  # also timed on a whole MNIST epoch (mode "epoch")
     min_threads: int = 1  # rows that differ from another only with more threads
+    max_threads: int | None = None  # rows that differ from another only with fewer threads
     missing: Callable[[], str] = _available  # "" or why the row cannot run here
 
     @property
@@ -68,7 +69,10 @@ class Registry:
         return [
             i
             for i in self.implementations
-            if i.impl in impls and (i.quick or not quick) and threads >= i.min_threads and (i.epoch or not epoch)
+            if i.impl in impls
+            and (i.quick or not quick)
+            and i.min_threads <= threads <= (i.max_threads or threads)
+            and (i.epoch or not epoch)
         ]
 
     def find(self, key: tuple[str, str]) -> Implementation:
@@ -111,6 +115,15 @@ def default_registry() -> Registry:
                 functools.partial(numpy_runner, backend="numba"),
                 dict(color="#ff7f0e", marker="D"),
                 epoch=True,
+            ),
+            Implementation(
+                "numba",
+                "fast-numba-gemm",
+                "numba FastTrainer, every product on its own numba GEMM",
+                functools.partial(numpy_runner, backend="numba", gemm="numba"),
+                dict(color="#d62728", marker="D", linestyle="--", alpha=0.7),
+                quick=False,
+                max_threads=1,  # with two threads the FastTrainer's default already puts them there
             ),
             Implementation(
                 "numpy",

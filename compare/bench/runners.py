@@ -37,15 +37,23 @@ class Setup:
 
 
 def numpy_runner(
-    setup: Setup, batches: np.ndarray, threads: int, *, backend: str, reference: bool = False, shared_pool=False
+    setup: Setup,
+    batches: np.ndarray,
+    threads: int,
+    *,
+    backend: str,
+    reference: bool = False,
+    shared_pool=False,
+    gemm: str = "auto",
 ):
     """The NumPy side's trainer on ``batches`` with ``threads`` threads (the reference ``Trainer``
     gets them through OpenBLAS's thread count, the process's own); ``shared_pool=True``: the numba
-    FastTrainer with OpenBLAS's jobs and the kernels' parts on numba's threads (:mod:`numpyside.kernels.threads`)."""
+    FastTrainer with OpenBLAS's jobs and the kernels' parts on numba's threads
+    (:mod:`numpyside.kernels.threads`); ``gemm``: the FastTrainer's products' engine (its ``gemm``)."""
     cls = NumpyTrainer if reference else FastTrainer
     trainer = cls(setup.params, setup.state, setup.images, setup.labels, momentum=setup.momentum, backend=backend)
     if not reference:
-        trainer.threads, trainer.shared_pool = threads, shared_pool
+        trainer.threads, trainer.shared_pool, trainer.gemm = threads, shared_pool, gemm
     trainer.compile(*batches.shape)
     rates = np.full(len(batches), BENCH_LR)
     return lambda: trainer.epoch(batches, rates)
