@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxside import equinox_model
 from jaxside import model as jax_model
 from jaxside.train import Trainer as JaxTrainer
 from numpyside import model as numpy_model
@@ -40,6 +39,7 @@ class Side:
 def jax_side(model: str = "pmean") -> Side:
     """The per-example JAX model (``pmean`` in our own code, or Equinox's ``BatchNorm``)."""
     if model == "equinox":
+        from jaxside import equinox_model  # Equinox loads only for the runs that use it
 
         def loss_and_grads_bessel(params, state, images, labels):
             # Equinox's running variance takes the biased batch variance; ours the unbiased one.
