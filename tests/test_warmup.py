@@ -104,30 +104,18 @@ def test_the_warmup_compiles_exactly_the_signatures_a_run_calls(tmp_path):
     trainer's compile, an epoch, predict) loads every kernel from the cache: the synthetic
     arguments of the warm-up have the run's types, or the run would compile them a second time."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "VMAP_BN_THREADS": "1"}
-    warm = subprocess.run(
-        [sys.executable, "-m", "numpyside.warmup", "--dtype", "float32"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def python(*args, timeout=300):
+        command = [sys.executable, *args]
+        return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    warm = python("-m", "numpyside.warmup", "--dtype", "float32")
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout.split() == list(warmup.PHASES)
-    # a second warm-up finds every phase marked done and compiles (or loads) nothing
-    again = subprocess.run(
-        [sys.executable, "-c", _COMPILING_EXITS],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = python("-c", _COMPILING_EXITS, timeout=120)  # every phase marked done: nothing compiled
     assert again.returncode == 0, again.stderr
     assert again.stdout.split() == list(warmup.PHASES)
-    run = subprocess.run(
-        [sys.executable, "-c", _RUN_LIKE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    run = python("-c", _RUN_LIKE)
     assert run.returncode == 0, run.stderr
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     assert counts["misses"] == {}
