@@ -22,7 +22,7 @@ from compare.contract.init import init_params, init_state
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_tree_err
 from compare.sides import jax_side, numpy_side
 from compare.step0 import step0_rows
-from compare.tables import epoch_table, step0_table
+from compare.tables import epoch_table, print_outcome, step0_table
 
 __all__ = ["compare_sides", "train_both"]
 
@@ -198,8 +198,4 @@ def compare_sides(args, warmup=None) -> int:
     report_module.write_outputs(report, args.out, wall_start)
     wall = report["timings"]["wall_s"]
     console.print(f"wrote {args.out / 'report.json'} and {args.out / 'output.png'} (wall time {wall:.1f} s)")
-    for line in failures:
-        console.print(f"[bold red]FAIL[/] {line}")
-    if not failures:
-        console.print("[bold green]PASS[/]: every quantity within its tolerance")
-    return 1 if failures else 0
+    return print_outcome(console, failures, "every quantity within its tolerance")

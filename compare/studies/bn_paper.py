@@ -50,6 +50,7 @@ from compare.studies.bn_paper_lockstep import (
     summarise,
     train_lockstep,
 )
+from compare.tables import print_outcome
 
 MNIST_TRAIN = 60_000
 LABELS = {"no_batch_norm": "without BN", "batch_norm": "with BN"}
@@ -277,10 +278,4 @@ def main(argv=None) -> int:
     console.print(
         f"wrote {args.out / 'bn_paper.json'} and {args.out / 'bn_paper.png'} ({report['timings']['wall_s']:.1f} s)"
     )
-    for line in failures:
-        console.print(f"[bold red]FAIL[/] {line}")
-    for line in notes:
-        console.print(f"[yellow]note[/] {line}")
-    if not failures:
-        console.print("[bold green]PASS[/]: the two sides agree within every tolerance")
-    return 1 if failures else 0
+    return print_outcome(console, failures, "the two sides agree within every tolerance", notes)
