@@ -17,12 +17,13 @@ sums in another order, so the two differ by rounding, a few ulp of ``sum |a| |b|
 The work is done by :func:`tile`, an LLVM microkernel written as a numba intrinsic: ``MR`` rows
 times ``NV`` vectors of ``W`` lanes of the output stay in registers for the whole sum (``MR x NV``
 accumulators), each step loads ``NV`` vectors of a row of ``op(B)`` and broadcasts ``MR`` elements
-of a column of ``op(A)``. ``W`` is the target's vector width (:data:`VECTOR_BYTES`: 64 with
-AVX-512, else 32); the tile is 6 rows by 2 vectors (12 accumulators, 2 loaded vectors and a
-broadcast: 15 of AVX2's 16 vector registers). The columns left over are done by narrower tiles,
-the rows left over one at a time. The tiles are compiled once per dtype into one C function
-(:func:`register`), which the kernels call by a fixed symbol. Whether this beats NumPy's BLAS on
-a given shape is measured (:mod:`numpyside.kernels.gemm_choice`), not assumed.
+of a column of ``op(A)``. ``W`` is the target's vector width (:data:`VECTOR_BYTES`: 64 with AVX-512,
+else 32); the tile is 2 vectors wide and :data:`MR` rows high: 6 rows with AVX2 (12 accumulators, 2
+loaded vectors and a broadcast: 15 of its 16 vector registers), 8 with AVX-512 (19 of its 32; at
+batch 128, 8 rows measured faster than 6 and 12, ``docs/performance.md``). The columns left over are
+done by narrower tiles, the rows left over one at a time. The tiles are compiled once per dtype into
+one C function (:func:`register`), which the kernels call by a fixed symbol. Whether this beats
+NumPy's BLAS on a given shape is measured (:mod:`numpyside.kernels.gemm_choice`), not assumed.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ VECTOR_BYTES = 64 if "+avx512f" in _target_features().split(",") else 32
 #: The target fuses multiply and add in hardware (else ``llvm.fma`` is a library call: slow, same bits).
 HAS_FMA = "+fma" in _target_features().split(",")
 #: Rows and vectors of the main tile.
-MR, NV = 6, 2
+MR, NV = (8 if VECTOR_BYTES == 64 else 6), 2
 #: ``divisor`` of :func:`tile` meaning "one lane".
 ONE_LANE = 64
 

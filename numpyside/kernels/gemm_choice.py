@@ -65,7 +65,7 @@ def machine_key(dtype: np.dtype, batch: int) -> str:
     codegen = cpu_target.target_context.codegen()
     blas_kernel = _corename().decode() if _corename is not None else "unknown"
     return (
-        f"cpu={codegen._get_host_cpu_name()} vector={gemm.VECTOR_BYTES} fma={gemm.HAS_FMA} "
+        f"cpu={codegen._get_host_cpu_name()} vector={gemm.VECTOR_BYTES} tile={gemm.MR}x{gemm.NV} fma={gemm.HAS_FMA} "
         f"blas={blas_kernel} numba={numba.__version__} dtype={np.dtype(dtype).name} batch={batch}"
     )
 
