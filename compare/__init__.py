@@ -3,7 +3,8 @@
 * :mod:`compare.contract`: what both sides agree on (the parameter layout, initialisation, batch
   order, SGD) and the only part of ``compare`` that ``jaxside`` and ``numpyside`` import;
 * :mod:`compare.run`: the main command, ``python compare/run.py``: both sides trained side by side,
-  step 0 and every epoch compared (with :mod:`~compare.cli`, :mod:`~compare.sides`, :mod:`~compare.step0`,
+  step 0 and every epoch compared (in :mod:`~compare.comparison`, with :mod:`~compare.cli`,
+  :mod:`~compare.sides`, :mod:`~compare.step0`,
   :mod:`~compare.tables`, :mod:`~compare.report`, :mod:`~compare.plot`; every tolerance in
   :mod:`compare.tolerances`, every distance in :mod:`compare.metrics`);
 * the other commands: :mod:`compare.ensemble_run` (``--ensemble M``), :mod:`compare.parallel`

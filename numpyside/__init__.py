@@ -10,5 +10,6 @@ Start with the readable core, in this order (each mirrors the file of the same n
 Then the variants: :mod:`numpyside.per_example` (per-example gradients by hand), :mod:`numpyside.parallel`
 (batch norm synchronised over shards), :mod:`numpyside.ensemble` (a second batch axis: members).
 The speed lives apart: :mod:`numpyside.fast` (the same numbers, preallocated, one numba call per
-epoch) and :mod:`numpyside.kernels` (numba, BLAS, threads); :mod:`numpyside.backend` picks the kernels.
+epoch) and :mod:`numpyside.kernels` (numba, BLAS, a GEMM of its own, threads); :mod:`numpyside.backend`
+picks the kernels, and :mod:`numpyside.warmup` compiles them in a second process on a cold cache.
 """

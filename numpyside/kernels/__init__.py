@@ -7,6 +7,9 @@ Nothing here is needed to follow the math; each module says which readable funct
 * :mod:`~numpyside.kernels.fused`, :mod:`~numpyside.kernels.fused_ensemble`: a whole training epoch in one
   numba call, for :class:`numpyside.fast.FastTrainer` and :class:`numpyside.ensemble.FastEnsembleTrainer`;
 * :mod:`~numpyside.kernels.blas`: NumPy's own OpenBLAS ``gemm``, callable from numba;
+* :mod:`~numpyside.kernels.gemm`: a register-blocked numba GEMM whose results do not depend on how
+  its columns are split between threads; :mod:`~numpyside.kernels.products` gives each product of a
+  step its engine (BLAS or this GEMM), :mod:`~numpyside.kernels.gemm_choice` measures which is faster;
 * :mod:`~numpyside.kernels.fastexp`: an ``exp`` that vectorises inside a numba loop;
 * :mod:`~numpyside.kernels.threads`: how many cores the NumPy side uses.
 """
