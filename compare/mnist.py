@@ -230,7 +230,7 @@ def _load_dir(directory: Path):
             raise MnistError(f"{lab_file}: expected labels of shape {(n,)}, got {labels.shape}")
         if labels.size and (labels.min() < 0 or labels.max() > 9):
             raise MnistError(f"{lab_file}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
-        # float32 throughout (the same bits as through float64 for all 256 pixel values, 14x faster)
+        # float32 throughout: the same bits as through float64 for all 256 pixel values, and faster
         out[f"{split}_images"] = _read_only(np.divide(images.reshape(n, 784), np.float32(255), dtype=np.float32))
         out[f"{split}_labels"] = _read_only(labels.astype(np.int32))
     return out["train_images"], out["train_labels"], out["test_images"], out["test_labels"]

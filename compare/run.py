@@ -43,8 +43,8 @@ def numba_warmup(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # at exit, Python's last garbage collection walks every object JAX, numba and matplotlib made
-    # (0.5 s measured); frozen, they are left to the operating system (0.1 s)
+    # at exit, Python's last garbage collection would walk every object JAX, numba and matplotlib
+    # made; frozen, they are left to the operating system (docs/performance.md, "The first run")
     atexit.register(gc.freeze)
     if args.devices or args.processes:  # data-parallel: the sharded JAX side, set up before JAX starts
         from compare import parallel

@@ -1,29 +1,21 @@
 r"""Compile the NumPy side's numba kernels in a second process while this one does other work.
 
-numba compiles a kernel the first time it is called with new argument types and keeps the machine
-code in its on-disk cache (``cache=True``); a later process loads it in milliseconds. On a cold
-cache (a fresh clone, a new numba version or CPU), compiling what one ``compare/run.py`` calls
-takes about 14 s of one core, during which the comparison would wait. :func:`start` runs
-``python -m numpyside.warmup`` in the background, which calls the same functions with the same
-argument types on a few synthetic images and so fills the cache, in the order the run needs them
-(:data:`PHASES`):
+numba compiles a kernel at its first call with new argument types and keeps the machine code in its
+on-disk cache; a later process loads it instead. :func:`start` runs ``python -m numpyside.warmup``
+in the background, which calls the run's functions with the run's argument types on synthetic data,
+phase by phase in the order the run needs them (:data:`PHASES`):
 
-1. ``model``: the readable model's kernels (:mod:`numpyside.model` with ``backend="numba"``),
-   which the step-0 table and every ``predict`` call;
-2. ``kernels``: :class:`numpyside.fast.FastTrainer`'s kernels one by one, the step that Python
-   drives kernel by kernel;
-3. ``trainer``: its whole-epoch kernel (one numba call per epoch), the slowest to compile by far.
+1. ``model``: the readable model's kernels (:mod:`numpyside.model`, ``backend="numba"``), for the
+   step-0 table and every ``predict``;
+2. ``kernels``: :class:`numpyside.fast.FastTrainer`'s kernels, for a step driven kernel by kernel;
+3. ``trainer``: its whole-epoch kernel, the slowest to compile.
 
-The caller meanwhile imports JAX, loads MNIST and compiles the JAX side, and calls
-:meth:`Warmup.wait` before it first needs a phase, so that the kernels come from the cache instead
-of being compiled a second time; :meth:`Warmup.ready` asks without waiting, which lets a trainer
-run its first epochs kernel by kernel while the whole-epoch kernel still compiles (the same
-operations in the same order: the same bits, ``tests/test_fast.py``). Only what the run uses is
-compiled: its dtype, batch norm on or off, and its phases (a ``--quick`` run needs no whole-epoch
-kernel). A completed phase leaves a marker file in numba's cache directory (:func:`_marker`), and a
-later warm-up reports it at once instead of loading its kernels. If the second process fails or cannot start, ``wait``
-returns False and the caller compiles as it would have anyway: the warm-up changes when the
-compiling happens, never what is computed.
+The caller calls :meth:`Warmup.wait` before it first needs a phase, or :meth:`Warmup.ready` to ask
+without waiting (a trainer runs kernel by kernel until ``trainer`` is ready: the same bits). A
+completed phase leaves a marker in numba's cache directory (:func:`_marker`), so a later warm-up
+reports it at once. If the second process fails, ``wait`` returns False and the caller compiles as
+it would have anyway: the warm-up changes when the compiling happens, never what is computed.
+Measurements: ``docs/performance.md``, "The first run".
 """
 
 from __future__ import annotations

@@ -178,10 +178,15 @@ def numba_blas_runner(batch_size: int, dtype: str, steps: int, images=None):
     return run
 
 
-def numpy_square(n: int, dtype: str):
+def square_operands(n: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two random ``n x n`` matrices and an output, the peak product's operands for every engine."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
-    out = np.empty((n, n), dtype)
+    return a, b, np.empty((n, n), dtype)
+
+
+def numpy_square(n: int, dtype: str):
+    a, b, out = square_operands(n, dtype)
     return lambda: np.matmul(a, b, out=out)
 
 
@@ -217,9 +222,7 @@ def numba_gemm_runner(batch_size: int, dtype: str, steps: int, images=None):
 
 def numba_gemm_square(n: int, dtype: str):
     gemm.register(dtype)
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
-    out = np.empty((n, n), dtype)
+    a, b, out = square_operands(n, dtype)
     gemm.nn(a, b, out, 0, n)  # compile
     return lambda: gemm.nn(a, b, out, 0, n)
 
@@ -288,8 +291,7 @@ def xla_products(batch_size: int, dtype: str, steps: int, images: np.ndarray, se
 
 def xla_square(n: int, dtype: str):
     _check_x64(dtype)
-    rng = np.random.default_rng(0)
-    a, b = (jnp.asarray(rng.standard_normal((n, n)).astype(dtype)) for _ in range(2))
+    a, b = (jnp.asarray(m) for m in square_operands(n, dtype)[:2])
     product = jax.jit(jnp.matmul)
     product(a, b).block_until_ready()
     return lambda: product(a, b).block_until_ready()

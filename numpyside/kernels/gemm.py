@@ -19,11 +19,11 @@ times ``NV`` vectors of ``W`` lanes of the output stay in registers for the whol
 accumulators), each step loads ``NV`` vectors of a row of ``op(B)`` and broadcasts ``MR`` elements
 of a column of ``op(A)``. ``W`` is the target's vector width (:data:`VECTOR_BYTES`: 64 with AVX-512,
 else 32); the tile is 2 vectors wide and :data:`MR` rows high: 6 rows with AVX2 (12 accumulators, 2
-loaded vectors and a broadcast: 15 of its 16 vector registers), 8 with AVX-512 (19 of its 32; at
-batch 128, 8 rows measured faster than 6 and 12, ``docs/performance.md``). The columns left over are
-done by narrower tiles, the rows left over one at a time. The tiles are compiled once per dtype into
-one C function (:func:`register`), which the kernels call by a fixed symbol. Whether this beats
-NumPy's BLAS on a given shape is measured (:mod:`numpyside.kernels.gemm_choice`), not assumed.
+loaded vectors and a broadcast: 15 of its 16 vector registers), 8 with AVX-512 (19 of its 32; the
+choice is measured in ``docs/performance.md``). The columns left over are done by narrower tiles,
+the rows left over one at a time. The tiles are compiled once per dtype into one C function
+(:func:`register`), which the kernels call by a fixed symbol. Whether this beats NumPy's BLAS on a
+given shape is measured (:mod:`numpyside.kernels.gemm_choice`), not assumed.
 """
 
 from __future__ import annotations
