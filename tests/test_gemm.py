@@ -14,7 +14,7 @@ import pytest
 
 from numpyside.kernels import gemm, gemm_choice, products, threads
 
-SHAPES = [(1, 1, 1), (7, 3, 37), (13, 17, 70), (128, 100, 10), (6, 0, 5), (33, 100, 100)]
+SHAPES = [(1, 1, 1), (7, 3, 37), (13, 17, 70), (128, 100, 10), (6, 0, 5), (33, 100, 100), (70, 300, 37)]
 
 
 def product(kind, x, w, parts):
@@ -42,7 +42,7 @@ def test_every_split_and_layout_gives_the_same_bits(dtype, m, k, n):
     cuts = sorted({0, n, n // 3, n // 2, min(n, 16), min(n, 48)})
     split = list(itertools.pairwise(cuts))
     for kind in ("nn", "tn", "nt"):
-        for parts in ([(0, n)], split):
+        for parts in ([(0, n)], split, split[::-1]):  # reversed: a write past a part shows
             np.testing.assert_array_equal(product(kind, x, w, parts), whole)
     # within the bound of a sum of k products (|error| <= k eps sum |x||w|, with room for rounding)
     exact = x.astype(np.longdouble) @ w.astype(np.longdouble)
@@ -50,14 +50,16 @@ def test_every_split_and_layout_gives_the_same_bits(dtype, m, k, n):
     assert np.all(np.abs(whole - exact) <= bound)
 
 
-@pytest.mark.parametrize("m, k, n", [(3, 5, 7), (7, 11, 20)])
+@pytest.mark.parametrize("m, k, n", [(3, 5, 7), (7, 11, 20), (9, 2 * gemm.KC_ROWS + 5, 3)])
 def test_each_element_is_one_fma_chain_in_k_order(m, k, n):
     """float64, against the chain computed exactly: c <- round(x[i, kk] w[kk, j] + c), kk = 0..k-1
-    (``Fraction`` is exact; ``float`` of it rounds correctly to float64)."""
+    (``Fraction`` is exact; ``float`` of it rounds correctly to float64). The last shape crosses
+    blocks of ``k`` (and, through ``tn``, the strided layout's smaller blocks)."""
     gemm.register(np.float64)
     rng = np.random.default_rng(k)
     x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n))
     got = product("nn", x, w, [(0, n)])
+    np.testing.assert_array_equal(product("tn", x, w, [(0, n)]), got)
     for i in range(m):
         for j in range(n):
             c = 0.0

@@ -20,8 +20,11 @@ accumulators), each step loads ``NV`` vectors of a row of ``op(B)`` and broadcas
 of a column of ``op(A)``. ``W`` is the target's vector width (:data:`VECTOR_BYTES`: 64 with AVX-512,
 else 32); the tile is 2 vectors wide and :data:`MR` rows high: 6 rows with AVX2 (12 accumulators, 2
 loaded vectors and a broadcast: 15 of its 16 vector registers), 8 with AVX-512 (19 of its 32; the
-choice is measured in ``docs/performance.md``). The columns left over are done by narrower tiles,
-the rows left over one at a time. The tiles are compiled once per dtype into one C function
+choice is measured in ``docs/performance.md``). The sum over ``k`` runs in blocks (:data:`KC_ROWS`
+and :data:`KC_STRIDED` of ``k``, :data:`MC` rows) sized for the caches, and each block's tile
+resumes the chains where the previous block stored them: the blocks change the memory traffic, not
+the bits. The columns left over are one tile whose last vector is masked to them, the rows left
+over are done one at a time. The tiles are compiled once per dtype into one C function
 (:func:`register`), which the kernels call by a fixed symbol. Whether this beats NumPy's BLAS on a
 given shape is measured (:mod:`numpyside.kernels.gemm_choice`), not assumed.
 """
@@ -51,44 +54,99 @@ VECTOR_BYTES = 64 if "+avx512f" in _target_features().split(",") else 32
 HAS_FMA = "+fma" in _target_features().split(",")
 #: Rows and vectors of the main tile.
 MR, NV = (8 if VECTOR_BYTES == 64 else 6), 2
-#: ``divisor`` of :func:`tile` meaning "one lane".
-ONE_LANE = 64
+#: Blocks of ``k`` and of rows: ``KC`` rows of a panel of ``op(B)`` stay in the L1 cache while the
+#: ``MC`` rows of ``op(A)``'s block (from L2) pass by them. Where ``op(A)``'s columns are strided
+#: (``x.T``: each ``k`` a new cache line) its block shares L1 with them, and ``k`` is cut finer.
+KC_ROWS, KC_STRIDED, MC = 128, 64, 8 * MR
 
 
-def _lanes(dtype, divisor: int) -> int:
-    return max(1, VECTOR_BYTES // (dtype.bitwidth // 8) // divisor)
+def _lanes(dtype) -> int:
+    return VECTOR_BYTES // (dtype.bitwidth // 8)
 
 
 @intrinsic(prefer_literal=True)
-def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_rs, mr, nv, divisor):
-    """``C[r, v W + l] = sum_k A[r, k] B[k, v W + l]`` for ``r < mr``, ``v < nv``, ``l < W``, with
-    ``W = VECTOR_BYTES / itemsize / divisor`` lanes (at least 1), as fma chains in ``k`` order.
+def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_rs, fresh, width, mr, nv, masked):
+    """``C[r, j] = C0[r, j] + sum_k A[r, k] B[k, j]`` for ``r < mr`` and the ``j`` of ``nv`` vectors
+    of ``W = VECTOR_BYTES / itemsize`` lanes, the last one cut to its first ``width`` lanes if
+    ``masked`` (masked loads and stores: nothing past them is touched), as fma chains in ``k``
+    order that start from ``C0 = 0`` if ``fresh`` else from ``C``'s values: so a sum split into
+    consecutive blocks of ``k`` is the same chain as the whole.
 
     ``a``, ``b``, ``c`` are addresses of arrays of ``real``'s type (its value is not used): element
     ``(r, k)`` of ``A`` is ``a[a_off + r a_rs + k a_ks]``, element ``(k, j)`` of ``B`` is ``b[b_off + k
     b_ks + j]``, element ``(r, j)`` of ``C`` is ``c[c_off + r c_rs + j]``. ``mr``, ``nv``,
-    ``divisor`` are compile-time constants."""
-    if not all(isinstance(t, types.IntegerLiteral) for t in (mr, nv, divisor)):
+    ``masked`` are compile-time constants."""
+    if not all(isinstance(t, types.IntegerLiteral) for t in (mr, nv, masked)):
         return None
-    rows, vectors, divisor_value = mr.literal_value, nv.literal_value, divisor.literal_value
-    signature = types.void(real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_rs, mr, nv, divisor)
+    rows, vectors, is_masked = mr.literal_value, nv.literal_value, bool(masked.literal_value)
+    signature = types.void(real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_rs, fresh, width, mr, nv, masked)
     dtype = real
 
     def codegen(context, builder, sig, args):
-        k_count, a_arr, a_off, a_rs, a_ks, b_arr, b_off, b_ks, c_arr, c_off, c_rs = args[1:12]
+        k_count, a_arr, a_off, a_rs, a_ks, b_arr, b_off, b_ks, c_arr, c_off, c_rs, fresh, width = args[1:14]
         real = context.get_value_type(dtype)
-        lanes = _lanes(dtype, divisor_value)
+        lanes = _lanes(dtype)
         vec = ir.VectorType(real, lanes)
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f{dtype.bitwidth}"
         )
-        i64 = ir.IntType(64)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
         align = dtype.bitwidth // 8
         a_ptr = builder.gep(builder.inttoptr(a_arr, real.as_pointer()), [a_off])
         b_ptr = builder.gep(builder.inttoptr(b_arr, real.as_pointer()), [b_off])
         c_ptr = builder.gep(builder.inttoptr(c_arr, real.as_pointer()), [c_off])
         zero = ir.Constant(vec, [ir.Constant(real, 0.0)] * lanes)
-        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        splat_mask = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+
+        def splat(value, vector_type):
+            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), splat_mask)
+
+        if is_masked:  # lane l of the last vector is used if l < width
+            mask_type = ir.VectorType(ir.IntType(1), lanes)
+            lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+            mask = builder.icmp_unsigned("<", lane, splat(width, ir.VectorType(i64, lanes)))
+            pointer = vec.as_pointer()
+            masked_load = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(vec, [pointer, i32, mask_type, vec]),
+                f"llvm.masked.load.{_name(vec)}.p0",
+            )
+            masked_store = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [vec, pointer, i32, mask_type]),
+                f"llvm.masked.store.{_name(vec)}.p0",
+            )
+
+        def load(address, v):
+            if is_masked and v == vectors - 1:
+                return builder.call(masked_load, [address, ir.Constant(i32, align), mask, zero])
+            return builder.load(address, align=align)
+
+        def store(value, address, v):
+            if is_masked and v == vectors - 1:
+                builder.call(masked_store, [value, address, ir.Constant(i32, align), mask])
+            else:
+                builder.store(value, address, align=align)
+
+        def c_vector(r, v):
+            row = builder.gep(c_ptr, [builder.mul(ir.Constant(i64, r), c_rs)])
+            return builder.bitcast(builder.gep(row, [ir.Constant(i64, v * lanes)]), vec.as_pointer())
+
+        before = builder.basic_block
+        resume = builder.append_basic_block("tile.resume")
+        start = builder.append_basic_block("tile.start")
+        builder.cbranch(builder.icmp_signed("!=", fresh, ir.Constant(fresh.type, 0)), start, resume)
+        builder.position_at_end(resume)
+        loaded = [[load(c_vector(r, v), v) for v in range(vectors)] for r in range(rows)]
+        builder.branch(start)
+        builder.position_at_end(start)
+        init = []
+        for r in range(rows):
+            init.append([builder.phi(vec) for _ in range(vectors)])
+            for v, phi in enumerate(init[-1]):
+                phi.add_incoming(zero, before)
+                phi.add_incoming(loaded[r][v], resume)
         entry = builder.basic_block
         loop = builder.append_basic_block("tile.loop")
         done = builder.append_basic_block("tile.done")
@@ -98,22 +156,20 @@ def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_r
         kk = builder.phi(i64)
         kk.add_incoming(ir.Constant(i64, 0), entry)
         acc = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
-        for phi in (p for row in acc for p in row):
-            phi.add_incoming(zero, entry)
+        for r in range(rows):
+            for v in range(vectors):
+                acc[r][v].add_incoming(init[r][v], entry)
         b_row = builder.gep(b_ptr, [builder.mul(kk, b_ks)])
         b_vec = [
-            builder.load(
-                builder.bitcast(builder.gep(b_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer()), align=align
-            )
+            load(builder.bitcast(builder.gep(b_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer()), v)
             for v in range(vectors)
         ]
         a_col = builder.gep(a_ptr, [builder.mul(kk, a_ks)])
         new = []
         for r in range(rows):
             scalar = builder.load(builder.gep(a_col, [builder.mul(ir.Constant(i64, r), a_rs)]))
-            splat = builder.insert_element(ir.Constant(vec, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(splat, ir.Constant(vec, ir.Undefined), splat_mask)
-            new.append([builder.call(fma, [splat, b_vec[v], acc[r][v]]) for v in range(vectors)])
+            broadcast = splat(scalar, vec)
+            new.append([builder.call(fma, [broadcast, b_vec[v], acc[r][v]]) for v in range(vectors)])
         k_next = builder.add(kk, ir.Constant(i64, 1))
         body_end = builder.basic_block
         kk.add_incoming(k_next, body_end)
@@ -127,22 +183,25 @@ def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_r
         for r in range(rows):
             results.append([builder.phi(vec) for _ in range(vectors)])
             for v, phi in enumerate(results[-1]):
-                phi.add_incoming(zero, entry)
+                phi.add_incoming(init[r][v], entry)
                 phi.add_incoming(new[r][v], body_end)
         for r in range(rows):
-            c_row = builder.gep(c_ptr, [builder.mul(ir.Constant(i64, r), c_rs)])
             for v in range(vectors):
-                target = builder.bitcast(builder.gep(c_row, [ir.Constant(i64, v * lanes)]), vec.as_pointer())
-                builder.store(results[r][v], target, align=align)
+                store(results[r][v], c_vector(r, v), v)
         return context.get_dummy_value()
 
     return signature, codegen
 
 
+def _name(vector: ir.VectorType) -> str:
+    """LLVM's suffix for an intrinsic on ``vector``: ``v16f32``, ``v8f64``."""
+    return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
+
+
 @intrinsic
 def lanes_of(typingctx, real):
     """``W``, the lanes of one vector of ``real``'s type (a compile-time constant)."""
-    count = _lanes(real, 1)
+    count = _lanes(real)
 
     def codegen(context, builder, sig, args):
         return context.get_constant(types.intp, count)
@@ -151,14 +210,50 @@ def lanes_of(typingctx, real):
 
 
 @numba.njit(inline="always")
-def _panel(real, k, a, a_rs, a_ks, b, b_ks, c, c_rs, m, j, nv, divisor):
-    """All ``m`` rows of the column panel starting at ``j``: tiles of ``MR`` rows, then single rows."""
+def _panel(real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_rs, fresh, m, width, nv, masked):
+    """``m`` rows of one column panel: tiles of ``MR`` rows, then single rows."""
     r = 0
     while r + MR <= m:
-        tile(real, k, a, r * a_rs, a_rs, a_ks, b, j, b_ks, c, r * c_rs + j, c_rs, MR, nv, divisor)
+        tile(
+            real,
+            k,
+            a,
+            a_off + r * a_rs,
+            a_rs,
+            a_ks,
+            b,
+            b_off,
+            b_ks,
+            c,
+            c_off + r * c_rs,
+            c_rs,
+            fresh,
+            width,
+            MR,
+            nv,
+            masked,
+        )
         r += MR
     while r < m:
-        tile(real, k, a, r * a_rs, a_rs, a_ks, b, j, b_ks, c, r * c_rs + j, c_rs, 1, nv, divisor)
+        tile(
+            real,
+            k,
+            a,
+            a_off + r * a_rs,
+            a_rs,
+            a_ks,
+            b,
+            b_off,
+            b_ks,
+            c,
+            c_off + r * c_rs,
+            c_rs,
+            fresh,
+            width,
+            1,
+            nv,
+            masked,
+        )
         r += 1
 
 
@@ -168,22 +263,50 @@ def _columns_of(dtype: np.dtype):
 
     def columns(a, a_rs, a_ks, b, b_ks, c, c_rs, m, k, lo, hi):
         w = lanes_of(real)
-        j = lo
-        while j + NV * w <= hi:
-            _panel(real, k, a, a_rs, a_ks, b, b_ks, c, c_rs, m, j, NV, 1)
-            j += NV * w
-        if j + w <= hi:
-            _panel(real, k, a, a_rs, a_ks, b, b_ks, c, c_rs, m, j, 1, 1)
-            j += w
-        if w >= 2 and j + w // 2 <= hi:
-            _panel(real, k, a, a_rs, a_ks, b, b_ks, c, c_rs, m, j, 1, 2)
-            j += w // 2
-        if w >= 4 and j + w // 4 <= hi:
-            _panel(real, k, a, a_rs, a_ks, b, b_ks, c, c_rs, m, j, 1, 4)
-            j += w // 4
-        while j < hi:
-            _panel(real, k, a, a_rs, a_ks, b, b_ks, c, c_rs, m, j, 1, ONE_LANE)
-            j += 1
+        block = KC_ROWS if a_ks == 1 else KC_STRIDED
+        kb = 0
+        while True:  # blocks of k in order, each chain resumed where the last block left it
+            kc = min(block, k - kb)
+            fresh = kb == 0
+            for ib in range(0, m, MC):
+                rows = min(MC, m - ib)
+                a_off, b_off, c_off = ib * a_rs + kb * a_ks, kb * b_ks, ib * c_rs
+                j = lo
+                while j + NV * w <= hi:
+                    _panel(
+                        real, kc, a, a_off, a_rs, a_ks, b, b_off + j, b_ks, c, c_off + j, c_rs, fresh, rows, w, NV, 0
+                    )
+                    j += NV * w
+                last = hi - j  # fewer than NV vectors left: the last one cut to its columns
+                if last > w:
+                    _panel(
+                        real,
+                        kc,
+                        a,
+                        a_off,
+                        a_rs,
+                        a_ks,
+                        b,
+                        b_off + j,
+                        b_ks,
+                        c,
+                        c_off + j,
+                        c_rs,
+                        fresh,
+                        rows,
+                        last - w,
+                        NV,
+                        1,
+                    )
+                elif last == w:
+                    _panel(real, kc, a, a_off, a_rs, a_ks, b, b_off + j, b_ks, c, c_off + j, c_rs, fresh, rows, w, 1, 0)
+                elif last > 0:
+                    _panel(
+                        real, kc, a, a_off, a_rs, a_ks, b, b_off + j, b_ks, c, c_off + j, c_rs, fresh, rows, last, 1, 1
+                    )
+            kb += block
+            if kb >= k:
+                break
 
     columns.__qualname__ = columns.__name__ = f"columns_{dtype.name}"
     return columns
