@@ -24,6 +24,7 @@ import numpy as np
 
 from numpyside.kernels import jit, products
 from numpyside.kernels import numba_layers as kernels
+from numpyside.kernels.gemm import MR
 
 _jit = jit.njit(fastmath=False, error_model="numpy", nogil=True, boundscheck=False)
 
@@ -328,10 +329,13 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
     one part) a hidden layer's products are split by the same columns and done inside the same
     part as its kernels: each part computes its features' ``z``, batch norm and sigmoid, and in the
     backward its features' ``ds``, ``d`` and ``dW``, with no wait in between (a layer's parts wait
-    for each other once, as the next product needs all of them). Otherwise (BLAS with ``parts > 1``)
-    each product is one call before or after the parts. The results do not depend on ``parts``.
-    Compiled three times: :func:`train_steps` (``prange`` is ``range``), :func:`train_steps_threaded`
-    and :func:`train_steps_blas` (one thread, every product on BLAS).
+    for each other once, as the next product needs all of them); the first layer's two products,
+    whose operand ``x`` is the largest, are split by rows instead (``z = x @ W`` with the gather,
+    ``dW = x.T @ d`` after the backward), so that each part reads only its share of ``x``.
+    Otherwise (BLAS with ``parts > 1``) each product is one call before or after the parts. The
+    results do not depend on ``parts``. Compiled three times: :func:`train_steps` (``prange`` is
+    ``range``), :func:`train_steps_threaded` and :func:`train_steps_blas` (one thread, every product
+    on BLAS).
     """
     n_hidden, n_rows, n = act.z.shape
     last, n_out = n_hidden - 1, act.logits.shape[1]
@@ -339,8 +343,10 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
     for k in range(epoch.indices.shape[0]):
         indices = epoch.indices[k]
         for part in numba.prange(parts):
-            lo, hi = part_bounds(n_rows, part, parts, 1)
+            lo, hi = part_bounds(n_rows, part, parts, MR)
             gather_rows(epoch.images, indices, x, lo, hi)
+            if split:  # the first layer's product by rows: each part reads its rows of x only
+                products.nn_rows(engines[0], x, p.w0, z[0], lo, hi)
         gather_labels(epoch.labels, indices, act.y)
         for i in range(n_hidden):
             src, w, engine = x if i == 0 else s[i - 1], p.w0 if i == 0 else p.w_hidden[i - 1], engines[i]
@@ -348,7 +354,7 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
                 products.nn(engine, src, w, z[i], 0, n)
             for part in numba.prange(parts):
                 lo, hi = part_bounds(n, part, parts, 16)
-                if split:
+                if split and i > 0:
                     products.nn(engine, src, w, z[i], lo, hi)
                 hidden_forward(act, p, running_mean, running_var, i, c.eps, c.keep, c.new, c.unbias, batch_norm, lo, hi)
         products.nn(engines[products.FORWARD + n_hidden], s[last], p.w_out, act.logits, 0, n_out)
@@ -365,10 +371,14 @@ def _train_steps(epoch, act, p, g, velocity, running_mean, running_var, c, batch
                 if split:
                     products.nt(e_dx, d_next, w_next, packed, ds[i], lo, hi)
                 hidden_backward(act, p, g, i, batch_norm, lo, hi)
-                if split:
+                if split and i > 0:
                     products.tn(e_dw, src, d[i], dw, lo, hi)
             if not split:
                 products.tn(e_dw, src, d[i], dw, 0, n)
+            elif i == 0:  # the first layer's weight gradient by rows: each part reads its columns of x
+                for part in numba.prange(parts):
+                    lo, hi = part_bounds(dw.shape[0], part, parts, MR)
+                    products.tn_rows(e_dw, src, d[i], dw, lo, hi)
         for part in numba.prange(parts):
             lo, hi = part_bounds(p.flat.shape[0], part, parts, 16)
             sgd_momentum(p.flat, velocity, g.flat, epoch.rates[k], c.momentum, lo, hi)
@@ -391,7 +401,9 @@ _BLAS_PRODUCTS = pytypes.ModuleType("numpyside.kernels.products, BLAS only")
 _BLAS_PRODUCTS.__dict__.update(
     {name: getattr(products, name) for name in ("FORWARD", "WEIGHT_GRADIENT", "INPUT_GRADIENT")},
     nn=products.blas_nn,
+    nn_rows=products.blas_nn_rows,
     tn=products.blas_tn,
+    tn_rows=products.blas_tn_rows,
     nt=products.blas_nt,
 )
 

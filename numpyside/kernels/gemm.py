@@ -367,6 +367,13 @@ def tn(x, d, out, lo, hi):
 
 
 @_jit
+def tn_rows(x, d, out, lo, hi):
+    """``out[lo:hi] = x[:, lo:hi].T @ d``; ``x`` (k, m), ``d`` (k, n), ``out`` (m, n): the rows of
+    :func:`tn`'s product, each the same chain."""
+    columns(x.reshape(-1)[lo:], 1, x.shape[1], d, d.shape[1], out[lo:hi], hi - lo, x.shape[0], 0, d.shape[1])
+
+
+@_jit
 def nt(d, w, packed, out, lo, hi):
     """``out[:, lo:hi] = d @ w.T[:, lo:hi]``; ``d`` (m, k), ``w`` (n, k), ``out`` (m, n). Rows
     ``lo:hi`` of ``w`` are first copied, transposed, into ``packed`` (a flat buffer of at least

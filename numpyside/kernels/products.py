@@ -120,6 +120,24 @@ def tn(engine, x, d, out, lo, hi):
 
 
 @_jit
+def nn_rows(engine, x, w, out, lo, hi):
+    """``out[lo:hi] = x[lo:hi] @ w`` (BLAS: the whole ``out``; call it with the whole range)."""
+    if engine == BLAS:
+        matmul(x, w, out)
+    else:
+        gemm.nn(x[lo:hi], w, out[lo:hi], 0, w.shape[1])
+
+
+@_jit
+def tn_rows(engine, x, d, out, lo, hi):
+    """``out[lo:hi] = x[:, lo:hi].T @ d`` (rows of a weight gradient; BLAS: the whole ``out``)."""
+    if engine == BLAS:
+        matmul_tn(x, d, out)
+    else:
+        gemm.tn_rows(x, d, out, lo, hi)
+
+
+@_jit
 def nt(engine, d, w, packed, out, lo, hi):
     """``out[:, lo:hi] = d @ w.T[:, lo:hi]`` (an input gradient); ``packed``: scratch of at least
     ``w.size`` elements for the numba GEMM's copy of ``w.T``."""
@@ -145,6 +163,18 @@ def blas_tn(engine, x, d, out, lo, hi):
 def blas_nt(engine, d, w, packed, out, lo, hi):
     """:func:`nt` on BLAS (see :func:`blas_nn`)."""
     matmul_nt(d, w, out)
+
+
+@_jit
+def blas_nn_rows(engine, x, w, out, lo, hi):
+    """:func:`nn_rows` on BLAS (see :func:`blas_nn`)."""
+    matmul(x, w, out)
+
+
+@_jit
+def blas_tn_rows(engine, x, d, out, lo, hi):
+    """:func:`tn_rows` on BLAS (see :func:`blas_nn`)."""
+    matmul_tn(x, d, out)
 
 
 def engines_all(engine: int) -> np.ndarray:
