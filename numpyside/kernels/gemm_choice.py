@@ -6,7 +6,7 @@ of a step's 11 products (:data:`numpyside.kernels.products.PRODUCTS`) at the tra
 dtype, on one thread, interleaved (BLAS, numba, BLAS, numba, ...), and picks per product the one
 with the smaller median. The choice is measured once per machine and kept in a small JSON file
 (:func:`cache_path`), under a key that names what it depends on: the CPU numba compiles for, the
-BLAS kernel, the dtype and the batch size.
+GEMM's code, the BLAS kernel, the dtype and the batch size.
 
 A trainer uses it with ``gemm="measured"`` (or ``VMAP_BN_GEMM=measured``). The default, ``auto``,
 keeps NumPy's BLAS on one thread (the readable trainer's bits; on the CPU of ``docs/performance.md``
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import time
@@ -64,8 +65,9 @@ def machine_key(dtype: np.dtype, batch: int) -> str:
     """What the measured choice depends on, as one string."""
     codegen = cpu_target.target_context.codegen()
     blas_kernel = _corename().decode() if _corename is not None else "unknown"
+    gemm_code = hashlib.sha256(Path(gemm.__file__).read_bytes()).hexdigest()[:12]  # its tile, blocks, ...
     return (
-        f"cpu={codegen._get_host_cpu_name()} vector={gemm.VECTOR_BYTES} tile={gemm.MR}x{gemm.NV} fma={gemm.HAS_FMA} "
+        f"cpu={codegen._get_host_cpu_name()} vector={gemm.VECTOR_BYTES} gemm={gemm_code} fma={gemm.HAS_FMA} "
         f"blas={blas_kernel} numba={numba.__version__} dtype={np.dtype(dtype).name} batch={batch}"
     )
 
