@@ -144,13 +144,14 @@ def single_device_table(rows) -> Table:
     return table
 
 
-def print_outcome(console: Console, failures, passed: str, notes=()) -> int:
+def print_outcome(console: Console, failures, passed: str | None, notes=()) -> int:
     """One ``FAIL`` line per failure, then one ``note`` line per note, then ``PASS: passed`` if
-    nothing failed; returns the command's exit status (1 if anything failed)."""
+    nothing failed (and ``passed`` is given: None where nothing was compared); returns the
+    command's exit status (1 if anything failed)."""
     for line in failures:
         console.print(f"[bold red]FAIL[/] {line}")
     for line in notes:
         console.print(f"[yellow]note[/] {line}")
-    if not failures:
+    if not failures and passed is not None:
         console.print(f"[bold green]PASS[/]: {passed}")
     return 1 if failures else 0

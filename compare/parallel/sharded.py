@@ -22,7 +22,7 @@ from compare.contract.init import init_params, init_state
 from compare.metrics import RELATIVE_ERROR_FORMULA, max_tree_err
 from compare.sides import Side, jax_side, numpy_side
 from compare.step0 import step0_rows
-from compare.tables import epoch_table, single_device_table, step0_table
+from compare.tables import epoch_table, print_outcome, single_device_table, step0_table
 from jaxside import parallel
 
 
@@ -228,10 +228,7 @@ def compare_sharded(args, mesh, data, console: Console, leader: bool) -> int:
     report = sharded_report(args, data, titles, step0, epochs, vs_single, timings, limits, failures, mesh)
     report_module.write_outputs(report, args.out, wall_start)
     console.print(f"wrote {args.out / 'report.json'} and {args.out / 'output.png'}")
-    for line in failures:
-        console.print(f"[bold red]FAIL[/] {line}")
     if not sync:
-        console.print("per-device batch statistics: another model than the single-device one, nothing to match")
-    elif not failures:
-        console.print("[bold green]PASS[/]: sharded == one device and == NumPy, every quantity within its tolerance")
-    return 1 if failures else 0
+        note = "per-device batch statistics: another model than the single-device one, nothing to match"
+        return print_outcome(console, failures, None, [note])
+    return print_outcome(console, failures, "sharded == one device and == NumPy, every quantity within its tolerance")

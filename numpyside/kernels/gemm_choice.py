@@ -9,9 +9,9 @@ with the smaller median. The choice is measured once per machine and kept in a s
 GEMM's code, the BLAS kernel, the dtype and the batch size.
 
 A trainer uses it with ``gemm="measured"`` (or ``VMAP_BN_GEMM=measured``). The default, ``auto``,
-keeps NumPy's BLAS on one thread (the readable trainer's bits; on the CPU of ``docs/performance.md``
-the measured choice was not faster end to end) and takes the numba GEMM on more (its bits do not
-depend on the thread count); ``blas`` and ``numba`` put every product on that engine.
+keeps NumPy's BLAS on one thread (the readable trainer's bits, whichever engine is faster) and
+takes the numba GEMM on more (its bits do not depend on the thread count); ``blas`` and ``numba``
+put every product on that engine.
 """
 
 from __future__ import annotations
