@@ -213,48 +213,14 @@ def lanes_of(typingctx, real):
 def _panel(real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_rs, fresh, m, width, nv, masked):
     """``m`` rows of one column panel: tiles of ``MR`` rows, then single rows."""
     r = 0
-    while r + MR <= m:
-        tile(
-            real,
-            k,
-            a,
-            a_off + r * a_rs,
-            a_rs,
-            a_ks,
-            b,
-            b_off,
-            b_ks,
-            c,
-            c_off + r * c_rs,
-            c_rs,
-            fresh,
-            width,
-            MR,
-            nv,
-            masked,
-        )
-        r += MR
     while r < m:
-        tile(
-            real,
-            k,
-            a,
-            a_off + r * a_rs,
-            a_rs,
-            a_ks,
-            b,
-            b_off,
-            b_ks,
-            c,
-            c_off + r * c_rs,
-            c_rs,
-            fresh,
-            width,
-            1,
-            nv,
-            masked,
-        )
-        r += 1
+        a_r, c_r = a_off + r * a_rs, c_off + r * c_rs
+        if r + MR <= m:
+            tile(real, k, a, a_r, a_rs, a_ks, b, b_off, b_ks, c, c_r, c_rs, fresh, width, MR, nv, masked)
+            r += MR
+        else:
+            tile(real, k, a, a_r, a_rs, a_ks, b, b_off, b_ks, c, c_r, c_rs, fresh, width, 1, nv, masked)
+            r += 1
 
 
 def _columns_of(dtype: np.dtype):
@@ -269,41 +235,18 @@ def _columns_of(dtype: np.dtype):
             kc = min(block, k - kb)
             fresh = kb == 0
             for ib in range(0, m, MC):
-                rows = min(MC, m - ib)
+                mc = min(MC, m - ib)
                 a_off, b_off, c_off = ib * a_rs + kb * a_ks, kb * b_ks, ib * c_rs
-                j = lo
-                while j + NV * w <= hi:
-                    _panel(
-                        real, kc, a, a_off, a_rs, a_ks, b, b_off + j, b_ks, c, c_off + j, c_rs, fresh, rows, w, NV, 0
-                    )
-                    j += NV * w
-                last = hi - j  # fewer than NV vectors left: the last one cut to its columns
-                if last > w:
-                    _panel(
-                        real,
-                        kc,
-                        a,
-                        a_off,
-                        a_rs,
-                        a_ks,
-                        b,
-                        b_off + j,
-                        b_ks,
-                        c,
-                        c_off + j,
-                        c_rs,
-                        fresh,
-                        rows,
-                        last - w,
-                        NV,
-                        1,
-                    )
-                elif last == w:
-                    _panel(real, kc, a, a_off, a_rs, a_ks, b, b_off + j, b_ks, c, c_off + j, c_rs, fresh, rows, w, 1, 0)
-                elif last > 0:
-                    _panel(
-                        real, kc, a, a_off, a_rs, a_ks, b, b_off + j, b_ks, c, c_off + j, c_rs, fresh, rows, last, 1, 1
-                    )
+                for j in range(lo, hi, NV * w):  # panels of NV vectors, the last one cut to the columns left
+                    left, bj, cj = hi - j, b_off + j, c_off + j
+                    if left >= NV * w:
+                        _panel(real, kc, a, a_off, a_rs, a_ks, b, bj, b_ks, c, cj, c_rs, fresh, mc, w, NV, 0)
+                    elif left > w:
+                        _panel(real, kc, a, a_off, a_rs, a_ks, b, bj, b_ks, c, cj, c_rs, fresh, mc, left - w, NV, 1)
+                    elif left == w:
+                        _panel(real, kc, a, a_off, a_rs, a_ks, b, bj, b_ks, c, cj, c_rs, fresh, mc, w, 1, 0)
+                    else:
+                        _panel(real, kc, a, a_off, a_rs, a_ks, b, bj, b_ks, c, cj, c_rs, fresh, mc, left, 1, 1)
             kb += block
             if kb >= k:
                 break
