@@ -1,7 +1,7 @@
 """Throughput of one training step (gather, forward, backward, SGD) of every implementation, next to
 "the limit": the step's 11 matrix products alone on the same shapes, done in each repeat by the
-fastest of the limit's engines (NumPy's BLAS from Python and from numba, XLA's dot); and each row's
-FLOP/s against the machine's peak (one large square product).
+fastest of the limit's engines (NumPy's BLAS from Python and from numba, the NumPy side's own GEMM,
+XLA's dot); and each row's FLOP/s against the machine's peak (one large square product).
 
     vmap-bn-bench [--quick] [--threads 1 2] [--under-load] [--out DIR] [--batch-sizes ...] [--dtypes ...]
                   [--ensemble M] [--scaling]

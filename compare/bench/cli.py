@@ -26,8 +26,8 @@ from compare.report import machine
 DESCRIPTION = (
     "Throughput of one training step (gather, forward, backward, SGD) of every implementation, next to "
     '"the limit": the step\'s 11 matrix products alone on the same shapes, done by the fastest of several '
-    "engines (NumPy's BLAS from Python and from numba, XLA's dot) in each repeat; and each row's FLOP/s against "
-    "the machine's peak (one large square product)."
+    "engines (NumPy's BLAS from Python and from numba, the NumPy side's own GEMM, XLA's dot) in each repeat; "
+    "and each row's FLOP/s against the machine's peak (one large square product)."
 )
 #: The command that runs the bench on this CPU's own OpenBLAS kernels where the environment pins them.
 NATIVE_KERNEL_COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE vmap-bn-bench"
