@@ -16,6 +16,7 @@ import pytest
 from compare import bench
 from compare.bench import limit, registry, timing, worker
 from compare.bench import rows as bench_rows
+from numpyside.kernels import gemm
 
 REQUIRED_KEYS = {"impl", "dtype", "batch_size", "samples_per_s", "limit_samples_per_s"}
 NEW_KEYS = {"threads", "blas_kernel", "under_load", "blas_library", "blas_threads", "numba_threads", "xla_threads"}
@@ -188,6 +189,22 @@ def test_the_limits_products_are_the_numpy_sides(monkeypatch):
     monkeypatch.setattr(np, "matmul", recording)
     trainer.epoch(np.arange(16).reshape(1, 16), np.full(1, 0.01))
     assert _products(seen) == _products(limit.product_shapes(16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_numba_gemm_engine_gives_the_same_products_split_into_parts(dtype):
+    """The limit's numba GEMM on two threads splits each product as the fast trainer does (the
+    first layer's by rows, the others by columns): every product has the bits of one thread's."""
+    gemm.register(dtype)
+    ops = limit.operands(100, dtype)  # 100 rows: parts of unequal size
+    packed = np.empty(max(w.size for w in ops.w), dtype)
+    limit._numba_gemm_steps(1, *ops, packed)
+    whole = [np.copy(a) for a in (*ops.z, *ops.dw, *ops.dx[1:])]
+    for out in (*ops.z, *ops.dw, *ops.dx):
+        out.fill(np.nan)
+    limit._numba_gemm_steps_split(1, 2, *ops, packed)
+    for got, expected in zip((*ops.z, *ops.dw, *ops.dx[1:]), whole, strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_the_limits_products_are_the_jax_sides():

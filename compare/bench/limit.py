@@ -34,11 +34,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 
 from compare import contract
 from compare.bench.timing import measure_interleaved
-from numpyside.kernels import blas, gemm, jit, products
+from numpyside.kernels import blas, gemm, jit, products, threads
+from numpyside.kernels.fused import part_bounds
 
 #: The key of the limit (the fastest engine of each round) among the timed callables.
 LIMIT_KEY = ("limit", "fastest")
@@ -205,17 +207,54 @@ def _numba_gemm_steps(steps, x, w, d, z, dw, dx, packed):
                 gemm.nt(d[i], w[i], packed, dx[i], 0, dx[i].shape[1])
 
 
+@jit.njit(fastmath=False, nogil=True, parallel=True)
+def _numba_gemm_steps_split(steps, parts, x, w, d, z, dw, dx, packed):
+    """:func:`_numba_gemm_steps` with each product split into ``parts`` as the fast trainer splits
+    it on threads: the first layer's two by rows, the others by columns."""
+    for _ in range(steps):
+        for i in range(len(x)):
+            for part in numba.prange(parts):
+                if i == 0:
+                    lo, hi = part_bounds(z[0].shape[0], part, parts, gemm.MR)
+                    gemm.nn(x[0][lo:hi], w[0], z[0][lo:hi], 0, z[0].shape[1])
+                else:
+                    lo, hi = part_bounds(z[i].shape[1], part, parts, 16)
+                    gemm.nn(x[i], w[i], z[i], lo, hi)
+            for part in numba.prange(parts):
+                if i == 0:
+                    lo, hi = part_bounds(dw[0].shape[0], part, parts, gemm.MR)
+                    gemm.tn_rows(x[0], d[0], dw[0], lo, hi)
+                else:
+                    lo, hi = part_bounds(dw[i].shape[1], part, parts, 16)
+                    gemm.tn(x[i], d[i], dw[i], lo, hi)
+            if i:
+                for part in numba.prange(parts):
+                    lo, hi = part_bounds(dx[i].shape[1], part, parts, 16)
+                    gemm.nt(d[i], w[i], packed, dx[i], lo, hi)
+
+
 def numba_gemm_runner(batch_size: int, dtype: str, steps: int, images=None):
-    """``steps`` steps of the products in one numba call, each on the register-blocked numba GEMM
-    (:mod:`numpyside.kernels.gemm`) over all its columns, as the fast trainer runs them with
-    ``gemm="numba"`` on one thread."""
+    """``steps`` steps of the products in one numba call, each on the numba GEMM
+    (:mod:`numpyside.kernels.gemm`), as the fast trainer runs them with ``gemm="numba"``: on one
+    thread over all their columns; with ``$VMAP_BN_THREADS`` (the bench's thread count) above one,
+    split between that many numba threads as the trainer splits them, one parallel region per
+    product."""
     gemm.register(dtype)
     ops = operands(batch_size, dtype)
     packed = np.empty(max(w.size for w in ops.w), dtype)  # nt's copy of W.T
-    _numba_gemm_steps(1, *ops, packed)  # compile for the dtype
+    count = threads.default_count()
+    with threads.numba_parts(count) as parts:
+        if parts > 1:
+            _numba_gemm_steps_split(1, parts, *ops, packed)  # compile for the dtype
+        else:
+            _numba_gemm_steps(1, *ops, packed)
 
     def run():
-        _numba_gemm_steps(steps, *ops, packed)
+        with threads.numba_parts(count) as parts:
+            if parts > 1:
+                _numba_gemm_steps_split(steps, parts, *ops, packed)
+            else:
+                _numba_gemm_steps(steps, *ops, packed)
 
     return run
 
