@@ -1,8 +1,9 @@
-r"""A register-blocked matrix product in numba, for the network's small products.
+r"""A matrix product in numba, register tiles in cache blocks, for the network's small products.
 
 :func:`nn`, :func:`tn` and :func:`nt` compute ``x @ w``, ``x.T @ d`` and ``d @ w.T`` (the forward
 product, the weight gradient and the input gradient of a layer) into the columns ``lo <= j < hi``
-of a preallocated output, so that threads can take a part each. Every element is ONE chain of
+of a preallocated output, :func:`tn_rows` ``x.T @ d`` into the rows ``lo <= i < hi``, so that
+threads can take a part each. Every element is ONE chain of
 fused multiply-adds in ``k`` order,
 
 .. math::  c_{ij} = \mathrm{fma}(a_{i,K-1}, b_{K-1,j}, \dots \mathrm{fma}(a_{i1}, b_{1j},
