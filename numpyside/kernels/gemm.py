@@ -320,11 +320,13 @@ def tn_rows(x, d, out, lo, hi):
 @_jit
 def nt(d, w, packed, out, lo, hi):
     """``out[:, lo:hi] = d @ w.T[:, lo:hi]``; ``d`` (m, k), ``w`` (n, k), ``out`` (m, n). Rows
-    ``lo:hi`` of ``w`` are first copied, transposed, into ``packed`` (a flat buffer of at least
-    ``n k`` elements), so that the tile reads rows of ``w.T``."""
-    n, k = w.shape
-    wt = packed[: k * n].reshape((k, n))
-    for j in range(lo, hi):
+    ``lo:hi`` of ``w`` are first copied, transposed, into ``packed[lo k : hi k]`` as a ``(k, hi -
+    lo)`` block (``packed``: a flat buffer of at least ``n k`` elements), so that the tile reads
+    rows of ``w.T`` and parts on other threads write other memory than this one's."""
+    k, width = w.shape[1], hi - lo
+    block = packed[lo * k : hi * k].reshape((k, width))
+    for j in range(width):
         for kk in range(k):
-            wt[kk, j] = w[j, kk]
-    columns(d, d.shape[1], 1, wt, n, out, d.shape[0], k, lo, hi)
+            block[kk, j] = w[lo + j, kk]
+    # column j of the product is column j - lo of the block: B's origin lo elements before it
+    columns(d, d.shape[1], 1, packed[max(lo * k - lo, 0) :], width, out, d.shape[0], k, lo, hi)
