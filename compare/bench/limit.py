@@ -216,7 +216,7 @@ def _numba_gemm_steps_split(steps, parts, x, w, d, z, dw, dx, packed):
             for part in numba.prange(parts):
                 if i == 0:
                     lo, hi = part_bounds(z[0].shape[0], part, parts, gemm.MR)
-                    gemm.nn(x[0][lo:hi], w[0], z[0][lo:hi], 0, z[0].shape[1])
+                    gemm.nn_rows(x[0], w[0], z[0], lo, hi)
                 else:
                     lo, hi = part_bounds(z[i].shape[1], part, parts, 16)
                     gemm.nn(x[i], w[i], z[i], lo, hi)
@@ -243,20 +243,16 @@ def numba_gemm_runner(batch_size: int, dtype: str, steps: int, images=None):
     ops = operands(batch_size, dtype)
     packed = np.empty(max(w.size for w in ops.w), dtype)  # nt's copy of W.T
     count = threads.default_count()
-    with threads.numba_parts(count) as parts:
-        if parts > 1:
-            _numba_gemm_steps_split(1, parts, *ops, packed)  # compile for the dtype
-        else:
-            _numba_gemm_steps(1, *ops, packed)
 
-    def run():
+    def run_steps(n_steps):
         with threads.numba_parts(count) as parts:
             if parts > 1:
-                _numba_gemm_steps_split(steps, parts, *ops, packed)
+                _numba_gemm_steps_split(n_steps, parts, *ops, packed)
             else:
-                _numba_gemm_steps(steps, *ops, packed)
+                _numba_gemm_steps(n_steps, *ops, packed)
 
-    return run
+    run_steps(1)  # compile for the dtype
+    return lambda: run_steps(steps)
 
 
 def numba_gemm_square(n: int, dtype: str):

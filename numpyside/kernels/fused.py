@@ -401,9 +401,9 @@ _BLAS_PRODUCTS = pytypes.ModuleType("numpyside.kernels.products, BLAS only")
 _BLAS_PRODUCTS.__dict__.update(
     {name: getattr(products, name) for name in ("FORWARD", "WEIGHT_GRADIENT", "INPUT_GRADIENT")},
     nn=products.blas_nn,
-    nn_rows=products.blas_nn_rows,
+    nn_rows=products.blas_nn,  # BLAS computes the whole product in either: the same call
     tn=products.blas_tn,
-    tn_rows=products.blas_tn_rows,
+    tn_rows=products.blas_tn,
     nt=products.blas_nt,
 )
 

@@ -2,8 +2,8 @@ r"""A matrix product in numba, register tiles in cache blocks, for the network's
 
 :func:`nn`, :func:`tn` and :func:`nt` compute ``x @ w``, ``x.T @ d`` and ``d @ w.T`` (the forward
 product, the weight gradient and the input gradient of a layer) into the columns ``lo <= j < hi``
-of a preallocated output, :func:`tn_rows` ``x.T @ d`` into the rows ``lo <= i < hi``, so that
-threads can take a part each. Every element is ONE chain of
+of a preallocated output, :func:`nn_rows` and :func:`tn_rows` into the rows ``lo <= i < hi``, so
+that threads can take a part each. Every element is ONE chain of
 fused multiply-adds in ``k`` order,
 
 .. math::  c_{ij} = \mathrm{fma}(a_{i,K-1}, b_{K-1,j}, \dots \mathrm{fma}(a_{i1}, b_{1j},
@@ -88,8 +88,9 @@ def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_r
         real = context.get_value_type(dtype)
         lanes = _lanes(dtype)
         vec = ir.VectorType(real, lanes)
+        suffix = f"v{lanes}f{dtype.bitwidth}"  # LLVM's name for the vector type in an intrinsic's name
         fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f{dtype.bitwidth}"
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.{suffix}"
         )
         i32, i64 = ir.IntType(32), ir.IntType(64)
         align = dtype.bitwidth // 8
@@ -111,12 +112,12 @@ def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_r
             masked_load = cgutils.get_or_insert_function(
                 builder.module,
                 ir.FunctionType(vec, [pointer, i32, mask_type, vec]),
-                f"llvm.masked.load.{_name(vec)}.p0",
+                f"llvm.masked.load.{suffix}.p0",
             )
             masked_store = cgutils.get_or_insert_function(
                 builder.module,
                 ir.FunctionType(ir.VoidType(), [vec, pointer, i32, mask_type]),
-                f"llvm.masked.store.{_name(vec)}.p0",
+                f"llvm.masked.store.{suffix}.p0",
             )
 
         def load(address, v):
@@ -192,11 +193,6 @@ def tile(typingctx, real, k, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, c_r
         return context.get_dummy_value()
 
     return signature, codegen
-
-
-def _name(vector: ir.VectorType) -> str:
-    """LLVM's suffix for an intrinsic on ``vector``: ``v16f32``, ``v8f64``."""
-    return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
 
 
 @intrinsic
@@ -308,6 +304,12 @@ def nn(x, w, out, lo, hi):
 def tn(x, d, out, lo, hi):
     """``out[:, lo:hi] = x.T @ d[:, lo:hi]``; ``x`` (k, m), ``d`` (k, n), ``out`` (m, n)."""
     columns(x, 1, x.shape[1], d, d.shape[1], out, x.shape[1], x.shape[0], lo, hi)
+
+
+@_jit
+def nn_rows(x, w, out, lo, hi):
+    """``out[lo:hi] = x[lo:hi] @ w``: the rows of :func:`nn`'s product, each the same chain."""
+    nn(x[lo:hi], w, out[lo:hi], 0, w.shape[1])
 
 
 @_jit

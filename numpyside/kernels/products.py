@@ -125,7 +125,7 @@ def nn_rows(engine, x, w, out, lo, hi):
     if engine == BLAS:
         matmul(x, w, out)
     else:
-        gemm.nn(x[lo:hi], w, out[lo:hi], 0, w.shape[1])
+        gemm.nn_rows(x, w, out, lo, hi)
 
 
 @_jit
@@ -149,13 +149,14 @@ def nt(engine, d, w, packed, out, lo, hi):
 
 @_jit
 def blas_nn(engine, x, w, out, lo, hi):
-    """:func:`nn` with BLAS whatever ``engine`` says: an epoch compiled with these contains no GEMM."""
+    """:func:`nn` (and :func:`nn_rows`) with BLAS whatever ``engine`` says: an epoch compiled with
+    these contains no GEMM."""
     matmul(x, w, out)
 
 
 @_jit
 def blas_tn(engine, x, d, out, lo, hi):
-    """:func:`tn` on BLAS (see :func:`blas_nn`)."""
+    """:func:`tn` (and :func:`tn_rows`) on BLAS (see :func:`blas_nn`)."""
     matmul_tn(x, d, out)
 
 
@@ -163,18 +164,6 @@ def blas_tn(engine, x, d, out, lo, hi):
 def blas_nt(engine, d, w, packed, out, lo, hi):
     """:func:`nt` on BLAS (see :func:`blas_nn`)."""
     matmul_nt(d, w, out)
-
-
-@_jit
-def blas_nn_rows(engine, x, w, out, lo, hi):
-    """:func:`nn_rows` on BLAS (see :func:`blas_nn`)."""
-    matmul(x, w, out)
-
-
-@_jit
-def blas_tn_rows(engine, x, d, out, lo, hi):
-    """:func:`tn_rows` on BLAS (see :func:`blas_nn`)."""
-    matmul_tn(x, d, out)
 
 
 def engines_all(engine: int) -> np.ndarray:
